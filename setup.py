@@ -1,0 +1,37 @@
+"""t_jax: Transformer models in JAX/Flax for TPUs and GPUs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="t_jax",
+    version="0.1.0",
+    description="Readable, complete and fast Transformer research code in JAX/Flax.",
+    packages=find_packages(include=["t_jax", "t_jax.*", "launch", "launch.*"]),
+    package_data={"": ["*.gin"]},
+    python_requires=">=3.11",
+    install_requires=[
+        # Tested with jax 0.10.2 (the newest on Python 3.11), flax 0.12.8, optax 0.2.8.
+        "jax>=0.8,<0.13",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "sentencepiece>=0.2,<0.3",
+        "absl-py>=2.1,<3",
+        "gin-config>=0.5,<0.6",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "sacrebleu>=2.4,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6",
+            "torch>=2.4", "transformers>=4.45",
+        ],
+        "gpu": ["jax[cuda12]>=0.8,<0.13"],
+        "tpu": ["jax[tpu]>=0.8,<0.13"],
+    },
+)

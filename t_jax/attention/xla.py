@@ -1,0 +1,38 @@
+"""The XLA reference: plain einsums and a float32 softmax. Every kernel is tested against it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+
+
+def xla_attention(q: Array, k: Array, v: Array, *, bias: Optional[Array], mask: Optional[Array],
+                  scale: float, dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
+  """softmax(q k^T * scale + bias, masked) v with GQA by grouping; fully masked rows give 0."""
+  b, sq, h, d = q.shape
+  hkv = k.shape[2]
+  g = h // hkv
+  qg = q.reshape(b, sq, hkv, g, d)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (b, h) + logits.shape[-2:]).astype(jnp.float32)
+    logits = logits + bias.reshape(b, hkv, g, sq, -1)
+  if mask is not None:
+    m = mask[:, :, None]  # [b, 1, 1, q, k]
+    logits = jnp.where(m, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(m, jnp.exp(logits - jax.lax.stop_gradient(row_max)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+  else:
+    p = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
+    p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, sq, h, v.shape[-1]).astype(q.dtype)

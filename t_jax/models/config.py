@@ -1,0 +1,124 @@
+"""ModelConfig: one frozen dataclass describes every model of the family; gin sets its fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+import jax.numpy as jnp
+
+ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5_relative", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+NORMS = ("layernorm", "rmsnorm")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architectural knob of a t_jax model. Presets live in configs/models/*.gin."""
+
+  architecture: str = "decoder"
+  vocab_size: int = 32000
+  d_model: int = 512
+  num_heads: int = 8
+  num_kv_heads: Optional[int] = None  # None = num_heads (MHA); 1 = MQA; else GQA
+  head_dim: Optional[int] = None  # None = d_model // num_heads
+  mlp_dim: int = 2048
+  num_layers: int = 6  # decoder layers (encoder layers for encoder-only models)
+  num_encoder_layers: Optional[int] = None  # encoder-decoder only; None = num_layers
+  # Positions.
+  position: str = "rope"
+  max_len: int = 2048  # learned table size; default KV-cache length
+  rope_theta: float = 10000.0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  # Blocks.
+  activation: str = "gelu"
+  gated: bool = False  # GLU variants: silu + gated = SwiGLU, gelu + gated = GeGLU
+  norm: str = "layernorm"
+  norm_eps: float = 1e-6
+  pre_norm: bool = True  # False = post-LN (Vaswani 2017, BERT)
+  use_bias: bool = True  # biases in dense layers and LayerNorm
+  scale_attention: bool = True  # False: no 1/sqrt(head_dim) (T5 folds it into the init)
+  window: Optional[int] = None  # sliding-window self-attention
+  # Embeddings and outputs.
+  tie_embeddings: bool = True
+  scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model)
+  scale_tied_logits: bool = False  # T5 v1.0: multiply by d_model**-0.5 before tied logits
+  logits_bias: bool = False  # bias on the output projection (BERT's MLM decoder)
+  embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+  num_token_types: int = 0  # BERT token-type (segment A/B) embeddings
+  mlm_transform: bool = True  # encoder-only: dense + act + norm before the MLM logits
+  init_std: Optional[float] = None  # normal(init_std) for all kernels; None = fan-in scaling
+  # Regularisation and numerics.
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  attention_impl: str = "auto"
+
+  def __post_init__(self) -> None:
+    """Rejects inconsistent configs early, naming the field."""
+    _one_of("architecture", self.architecture, ARCHITECTURES)
+    _one_of("position", self.position, POSITIONS)
+    _one_of("activation", self.activation, ACTIVATIONS)
+    _one_of("norm", self.norm, NORMS)
+    _one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _one_of("dtype", self.dtype, tuple(DTYPES))
+    _one_of("param_dtype", self.param_dtype, tuple(DTYPES))
+    for name in ("vocab_size", "d_model", "num_heads", "mlp_dim", "num_layers", "max_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} does not divide "
+                       f"ModelConfig.d_model={self.d_model}; set head_dim explicitly or change one")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"ModelConfig.num_kv_heads={self.kv_heads} must divide num_heads={self.num_heads}")
+    if self.position == "rope" and self.dim_per_head % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+    if self.position == "sinusoidal" and self.d_model % 2:
+      raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+    if self.window is not None and self.window < 1:
+      raise ValueError(f"ModelConfig.window must be >= 1 or None, got {self.window}")
+    if not 0.0 <= self.dropout_rate < 1.0 or not 0.0 <= self.attention_dropout_rate < 1.0:
+      raise ValueError("ModelConfig dropout rates must be in [0, 1)")
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    """Per-head dimension."""
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def encoder_layers(self) -> int:
+    """Encoder depth of an encoder-decoder model."""
+    return self.num_layers if self.num_encoder_layers is None else self.num_encoder_layers
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """Activation dtype."""
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    """Parameter dtype."""
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes: object) -> ModelConfig:
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"ModelConfig.{name}={value!r} is not one of {choices}")

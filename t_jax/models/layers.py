@@ -1,0 +1,111 @@
+"""Small building blocks: logically-partitioned dense layers, norms, feed-forward, embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t_jax.models.config import ModelConfig
+
+Array = jnp.ndarray
+P = nn.with_logical_partitioning
+
+
+def kernel_init(cfg: ModelConfig) -> Callable:
+  """normal(init_std) when set, else truncated-normal fan-in scaling (DenseGeneral inits a 2-D view)."""
+  if cfg.init_std is not None:
+    return nn.initializers.normal(cfg.init_std)
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...], name: str,
+          in_axes: int = 1, use_bias: Optional[bool] = None) -> nn.DenseGeneral:
+  """DenseGeneral contracting the last `in_axes` axes, with logical axis names on every parameter."""
+  bias = cfg.use_bias if use_bias is None else use_bias
+  return nn.DenseGeneral(
+      features=features, axis=tuple(range(-in_axes, 0)), use_bias=bias, name=name,
+      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      kernel_init=P(kernel_init(cfg), axes), bias_init=P(nn.initializers.zeros, axes[in_axes:]))
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm over `embed`, per config."""
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                      scale_init=P(nn.initializers.ones, ("embed",)), name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.weight_dtype, scale_init=P(nn.initializers.ones, ("embed",)),
+                      bias_init=P(nn.initializers.zeros, ("embed",)), name=name)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """The activation function by config name."""
+  return {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+          "gelu_tanh": lambda x: nn.gelu(x, approximate=True), "silu": nn.silu}[name]
+
+
+class MLP(nn.Module):
+  """Feed-forward: act(x W_i) W_o, or the gated form act(x W_0) * (x W_1) W_o (SwiGLU, GeGLU)."""
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, seq, embed] -> [batch, seq, embed]."""
+    cfg = self.cfg
+    act = activation(cfg.activation)
+    if cfg.gated:
+      h = act(dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x)) * dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x)
+    else:
+      h = act(dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    return dense(cfg, cfg.d_model, ("mlp", "embed"), "wo")(h)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` gives tied logits."""
+
+  cfg: ModelConfig
+
+  def setup(self) -> None:
+    """Creates the table."""
+    init = nn.initializers.normal(self.cfg.init_std or 1.0)
+    self.embedding = self.param("embedding", P(init, ("vocab", "embed")),
+                                (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    """[batch, seq] ids -> [batch, seq, embed]."""
+    x = jnp.take(jnp.asarray(self.embedding, self.cfg.compute_dtype), ids, axis=0)
+    return x * jnp.sqrt(self.cfg.d_model).astype(x.dtype) if self.cfg.scale_embeddings else x
+
+  def attend(self, x: Array) -> Array:
+    """Tied un-embedding: x @ E^T -> [batch, seq, vocab]."""
+    return jnp.einsum("bse,ve->bsv", x, jnp.asarray(self.embedding, self.cfg.compute_dtype))
+
+
+class PositionEmbed(nn.Module):
+  """Learned absolute positions: a [max_len, embed] table."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, positions: Array) -> Array:
+    """[batch, seq] positions -> [batch, seq, embed]."""
+    init = nn.initializers.normal(self.cfg.init_std or 0.02)
+    table = self.param("embedding", P(init, ("position", "embed")), (self.cfg.max_len, self.cfg.d_model),
+                       self.cfg.weight_dtype)
+    return jnp.take(jnp.asarray(table, self.cfg.compute_dtype), jnp.clip(positions, 0, None), axis=0)
+
+
+def remat_policy(name: str) -> Optional[Callable]:
+  """jax.checkpoint policy by config name ('full' saves nothing)."""
+  cp = jax.checkpoint_policies
+  return {"full": cp.nothing_saveable, "dots": cp.checkpoint_dots,
+          "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+          "save_attention_out": cp.save_only_these_names("attention_out")}[name]
