@@ -1,0 +1,156 @@
+"""SentencePiece tokenizer with T5 special ids (pad=0, eos=1, unk=2), a mask token and sentinel ids."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+MASK_PIECE = "<mask>"
+
+
+def _training_sentences(source: Sequence, max_sentences: int) -> Iterator[str]:
+  """Up to max_sentences non-empty lines from an evenly strided sample of the source's documents."""
+  stride = max(1, len(source) // max_sentences)
+  emitted = 0
+  for i in range(0, len(source), stride):
+    example = source[i]
+    for text in (example or {}).values():
+      for line in text.splitlines():
+        if line.strip() and emitted < max_sentences:
+          emitted += 1
+          yield line
+    if emitted >= max_sentences:
+      return
+
+
+class Tokenizer:
+  """SentencePiece wrapper: `encode(str) -> list[int]`, `decode(ids) -> str`, T5-style special ids.
+
+  Ids: pad=0, eos=1 (also bos for decoder-only models), unk=2, mask=3 when trained here ('<mask>'),
+  then SentencePiece pieces, then `num_extra_ids` sentinels: sentinel(i) = vocab_size - 1 - i.
+  """
+
+  def __init__(self, model: str | bytes, num_extra_ids: int = 0) -> None:
+    """Loads a model from a path (str) or serialized proto (bytes)."""
+    if isinstance(model, str):
+      with open(model, "rb") as f:
+        model = f.read()
+    self._proto = model
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+      raise ValueError(f"SentencePiece model must use pad=0, eos=1, unk=2; got pad={self._sp.pad_id()}, "
+                       f"eos={self._sp.eos_id()}, unk={self._sp.unk_id()}")
+    self.num_extra_ids = num_extra_ids
+    self.sp_vocab_size = self._sp.get_piece_size()
+    mask = self._sp.piece_to_id(MASK_PIECE)
+    self._mask_id = mask if mask != self._sp.unk_id() else None
+    self.first_regular_id = max(PAD_ID, EOS_ID, UNK_ID, self._mask_id or 0) + 1
+
+  @classmethod
+  def load(cls, path: str, num_extra_ids: int = 0) -> Tokenizer:
+    """Loads a SentencePiece model file."""
+    return cls(path, num_extra_ids)
+
+  @classmethod
+  def train(cls, source: Sequence, path: str, *, vocab_size: int = 8000, model_type: str = "unigram",
+            num_extra_ids: int = 0, max_sentences: int = 100_000, character_coverage: float = 0.9995,
+            byte_fallback: bool = False, num_threads: int = 4, overwrite: bool = False) -> Tokenizer:
+    """Trains on a source's texts and saves to `path`; reuses the model at `path` if it already exists.
+
+    `vocab_size` is a soft limit for SentencePiece (hard_vocab_limit=False), excluding the extra ids.
+    The model is written atomically, so concurrent processes never read a partial file.
+    """
+    if os.path.exists(path) and not overwrite:
+      return cls(path, num_extra_ids)
+    sentences = list(_training_sentences(source, max_sentences))
+    if not sentences:
+      raise ValueError(f"Tokenizer.train: no text in {getattr(source, 'name', source)!r}")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf,
+        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, train_extremely_large_corpus=False,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=num_threads,
+        minloglevel=2)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
+      f.write(buf.getvalue())
+    os.replace(f.name, path)
+    return cls(buf.getvalue(), num_extra_ids)
+
+  @property
+  def vocab_size(self) -> int:
+    """SentencePiece pieces plus extra (sentinel) ids: the embedding table size."""
+    return self.sp_vocab_size + self.num_extra_ids
+
+  @property
+  def pad_id(self) -> int:
+    """Padding id (0); also the decoder start token for encoder-decoder models."""
+    return PAD_ID
+
+  @property
+  def eos_id(self) -> int:
+    """End-of-sequence id (1)."""
+    return EOS_ID
+
+  @property
+  def bos_id(self) -> int:
+    """Beginning-of-sequence id for decoder-only models: the eos id."""
+    return EOS_ID
+
+  @property
+  def unk_id(self) -> int:
+    """Unknown-piece id (2)."""
+    return UNK_ID
+
+  @property
+  def mask_id(self) -> int:
+    """The '<mask>' id for masked LM (3 for models trained here)."""
+    if self._mask_id is None:
+      raise ValueError(f"This SentencePiece model has no {MASK_PIECE!r} piece; masked LM needs one")
+    return self._mask_id
+
+  def sentinel(self, i: int) -> int:
+    """Id of sentinel i (T5's <extra_id_i>): vocab_size - 1 - i."""
+    if not 0 <= i < self.num_extra_ids:
+      raise ValueError(f"sentinel {i} out of range: the tokenizer has num_extra_ids={self.num_extra_ids}")
+    return self.vocab_size - 1 - i
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of a string (no eos appended)."""
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of ids, stopping at the first eos and skipping pad; sentinels render as '<extra_id_i>'.
+
+    Ids outside [0, vocab_size) are dropped.
+    """
+    pieces, run = [], []
+    for t in (int(t) for t in ids):
+      if t == EOS_ID:
+        break
+      if t == PAD_ID or not 0 <= t < self.vocab_size:
+        continue
+      if t < self.sp_vocab_size:
+        run.append(t)
+        continue
+      pieces += [self._sp.decode(run), f"<extra_id_{self.vocab_size - 1 - t}>"]
+      run = []
+    return "".join(pieces + [self._sp.decode(run)])
+
+  def __getstate__(self) -> dict:
+    return {"model": self._proto, "num_extra_ids": self.num_extra_ids}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["model"], state["num_extra_ids"])
+
+  def __repr__(self) -> str:
+    return f"Tokenizer(vocab_size={self.vocab_size}, num_extra_ids={self.num_extra_ids})"
