@@ -36,6 +36,8 @@ def make_mask(
   Positions default to 0..len-1; decoding passes absolute positions of the cache slots
   (a negative kv position marks an empty cache slot, never attended).
   """
+  if prefix_len is not None and not causal:
+    raise ValueError("prefix_len only has a meaning with causal=True (prefix-LM).")
   if not (causal or window is not None or q_segment_ids is not None
           or kv_segment_ids is not None or kv_positions is not None):
     return None
@@ -50,8 +52,6 @@ def make_mask(
       pl = jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (batch,))[:, None, None]
       allowed = allowed | (kp < pl)
     mask = mask & allowed
-  elif prefix_len is not None:
-    raise ValueError("prefix_len only has a meaning with causal=True (prefix-LM).")
   if window is not None:
     if window < 1:
       raise ValueError(f"window must be >= 1, got {window}")
