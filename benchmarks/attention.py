@@ -1,0 +1,181 @@
+"""Attention benchmark: forward and forward+backward TFLOP/s and peak memory per implementation.
+
+  python benchmarks/attention.py                 # GPU: seq 512..16384, head_dim 64/128, causal and not
+  python benchmarks/attention.py --smoke         # tiny sizes, proves the script runs (e.g. on CPU)
+
+FLOPs: forward 4*B*H*S^2*D (halved when causal), backward 2.5x forward (so fwd+bwd = 3.5x). Tokens per
+step are fixed (B = tokens // S) and H = model_dim // D, as in the FlashAttention papers. Each
+(implementation, shape) runs in a fresh subprocess so `peak_bytes_in_use` belongs to that run alone.
+Results go to --out (default benchmarks/results/attention_<device>.json; smoke runs default to the
+temp dir, so CPU numbers are never mistaken for GPU ones).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t_jax.attention import attention  # noqa: E402
+
+IMPLS = ("pallas", "xla", "cudnn")
+
+
+def _timeit(f, *args, warmup, iters):
+  """Median seconds of f(*args) over iters calls, after warmup calls (the first one compiles)."""
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _peak_bytes():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def attention_flops(b, h, s, d, causal):
+  """Forward FLOPs of attention (two matmuls), halved for causal."""
+  f = 4 * b * h * s * s * d
+  return f // 2 if causal else f
+
+
+def run_one(cfg):
+  """Times one (implementation, shape); returns a result dict (status 'ok', 'unsupported' or 'error')."""
+  b, s, h, d, causal, impl = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"], cfg["causal"], cfg["impl"]
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
+  fwd = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl))
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl), q, k, v)
+    return out, vjp(do)
+
+  fwd_bwd = jax.jit(fwd_bwd)
+  res = dict(cfg)
+  flops = attention_flops(b, h, s, d, causal)
+  try:
+    t = _timeit(fwd, q, k, v, warmup=cfg["warmup"], iters=cfg["iters"])
+    res.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12, fwd_peak_bytes=_peak_bytes())
+    t = _timeit(fwd_bwd, q, k, v, do, warmup=cfg["warmup"], iters=cfg["iters"])
+    res.update(fwd_bwd_ms=t * 1e3, fwd_bwd_tflops=3.5 * flops / t / 1e12, fwd_bwd_peak_bytes=_peak_bytes(),
+               status="ok")
+  except NotImplementedError as e:
+    res.update(status="unsupported", error=str(e)[:300])
+  except Exception as e:  # noqa: BLE001 - OOM and compile failures are results too
+    res.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+  return res
+
+
+def matmul_tflops(n, warmup, iters):
+  """Dense bf16 [n, n] x [n, n] matmul rate, the device's practical peak for reference."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  return 2 * n**3 / _timeit(f, a, a, warmup=warmup, iters=iters) / 1e12
+
+
+def _run_isolated(cfg):
+  """run_one in a fresh Python process (clean peak-memory counter)."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  for line in proc.stdout.splitlines()[::-1]:
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return dict(cfg, status="error", error=f"worker exited {proc.returncode}: {proc.stderr[-300:]}")
+
+
+def _fmt(x, spec):
+  return "-" if x is None else format(x, spec)
+
+
+def print_table(results):
+  print(f"{'impl':<7}{'seq':>7}{'B':>4}{'H':>4}{'D':>5}{'causal':>7}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+        f"{'fwd ms':>10}{'f+b ms':>10}{'peak GiB':>10}  status")
+  for r in results:
+    peak = r.get("fwd_bwd_peak_bytes")
+    print(f"{r['impl']:<7}{r['seq']:>7}{r['batch']:>4}{r['heads']:>4}{r['head_dim']:>5}{str(r['causal']):>7}"
+          f"{_fmt(r.get('fwd_tflops'), '.1f'):>10}{_fmt(r.get('fwd_bwd_tflops'), '.1f'):>10}"
+          f"{_fmt(r.get('fwd_ms'), '.2f'):>10}{_fmt(r.get('fwd_bwd_ms'), '.2f'):>10}"
+          f"{_fmt(None if peak is None else peak / 2**30, '.2f'):>10}  {r['status']} {r.get('error', '')[:60]}")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--smoke", action="store_true", help="tiny sizes; checks the script runs (CPU is fine)")
+  p.add_argument("--impls", default=",".join(IMPLS))
+  p.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
+  p.add_argument("--head-dims", default="64,128")
+  p.add_argument("--causal", default="false,true")
+  p.add_argument("--tokens", type=int, default=16384, help="batch * seq per step")
+  p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--matmul-n", type=int, default=8192)
+  p.add_argument("--no-isolate", action="store_true", help="run all configs in this process")
+  p.add_argument("--out", default=None)
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+
+  if args.worker:
+    print("RESULT " + json.dumps(run_one(json.loads(args.worker))), flush=True)
+    return
+  if args.smoke:
+    args.seqs, args.head_dims, args.tokens, args.model_dim = "64,128", "64", 128, 128
+    args.warmup, args.iters, args.matmul_n = 1, 2, 256
+
+  dev = jax.devices()[0]
+  device = getattr(dev, "device_kind", dev.platform)
+  results = []
+  for d in map(int, args.head_dims.split(",")):
+    for s in map(int, args.seqs.split(",")):
+      for causal in (c.strip().lower() == "true" for c in args.causal.split(",")):
+        for impl in args.impls.split(","):
+          cfg = dict(impl=impl, seq=s, batch=max(1, args.tokens // s), heads=max(1, args.model_dim // d),
+                     head_dim=d, causal=causal, warmup=args.warmup, iters=args.iters)
+          r = run_one(cfg) if args.no_isolate else _run_isolated(cfg)
+          results.append(r)
+          print_table([r])
+  mm = matmul_tflops(args.matmul_n, args.warmup, args.iters)
+  print()
+  print_table(results)
+  print(f"\ndense bf16 matmul {args.matmul_n}^3: {mm:.1f} TFLOP/s on {device}")
+
+  from t_jax.kernels import default_blocks
+  out = dict(
+      device=device, platform=dev.platform, device_count=jax.device_count(), smoke=args.smoke,
+      jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version(),
+      time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=vars(args),
+      pallas_default_blocks={d: default_blocks("mosaic_tpu" if dev.platform == "tpu" else "triton", int(d))
+                             for d in args.head_dims.split(",")},
+      flops_note="fwd = 4*B*H*S^2*D (x0.5 causal); fwd+bwd = 3.5 x fwd", matmul_bf16_tflops=mm,
+      results=results)
+  path = args.out
+  if path is None:
+    name = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
+    if args.smoke:
+      path = os.path.join(tempfile.gettempdir(), f"attention_smoke_{name}.json")
+    else:
+      path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"attention_{name}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

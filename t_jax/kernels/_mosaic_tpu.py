@@ -1,0 +1,307 @@
+"""FlashAttention-2 kernels for Pallas Mosaic TPU: the kv (or q) loop is the last, "arbitrary" grid axis.
+
+Tensors are transposed to [batch, heads, seq, head_dim] so each tile is a plain 2-D VMEM block; the
+online-softmax state lives in VMEM scratch across the reduction axis. Skipped (fully masked) steps do
+no compute, and their index maps are clamped into the visited range so the pipeline issues no new DMA
+(the grid step itself remains). GQA: index maps read kv head idiv(h, g)roup; the dk/dv kernel's reduction
+axis walks (query head of the group, q block), so k/v are never repeated.
+
+Verified here: interpret mode on CPU (numerics, every mask kind) and lowering to Mosaic MLIR through
+`jax.jit(...).lower(lowering_platforms=("tpu",))`. Not verified: Mosaic compilation and speed on a TPU
+(block/layout rules are only enforced by the TPU compiler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range
+
+Array = jax.Array
+_F32 = jnp.float32
+
+
+def _dot(cfg: Config, a: Array, b: Array, ca: int, cb: int) -> Array:
+  prec = lax.Precision.HIGHEST if cfg.exact_f32 else None
+  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=_F32)
+
+
+def _params(cfg: Config) -> Optional[pltpu.CompilerParams]:
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _unpack(cfg: Config, refs: tuple) -> tuple:
+  """(q, k, v, bias, q_seg, kv_seg, rest...) with None for absent inputs."""
+  refs = list(refs)
+  i = 3 + cfg.has_bias
+  bias = refs[3] if cfg.has_bias else None
+  q_seg, kv_seg = (refs[i], refs[i + 1]) if cfg.has_segments else (None, None)
+  i += 2 * cfg.has_segments
+  return (*refs[:3], bias, q_seg, kv_seg, *refs[i:])
+
+
+def _tile_mask(cfg: Config, qi: Array, kj: Array, bq: int, bk: int, qseg_ref: object, kseg_ref: object,
+               prefix: Optional[Array]) -> Array:
+  q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  kv_pos = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  q_seg = qseg_ref[...] if qseg_ref is not None else None       # [bq, 1]
+  kv_seg = kseg_ref[...] if kseg_ref is not None else None      # [1, bk]
+  return block_mask(cfg, q_pos, kv_pos, q_seg, kv_seg, prefix)
+
+
+def _when_visited(cfg: Config, step: Array, bounds: tuple, compute: Callable) -> None:
+  """Runs compute(masked) when `step` is in [lo, hi); the mask only outside [full_lo, full_hi)."""
+  lo, flo, fhi, hi = bounds
+  visited = (step >= lo) & (step < hi)
+  if not cfg.any_mask:
+    pl.when(visited)(lambda: compute(False))
+    return
+  visible = (step >= flo) & (step < fhi)
+  pl.when(visited & visible)(lambda: compute(False))
+  pl.when(visited & jnp.logical_not(visible))(lambda: compute(True))
+
+
+def _clamped(step: Array, bounds: tuple) -> Array:
+  """The block index to fetch at `step`: clamped into [lo, hi) so skipped steps re-use a block."""
+  lo, hi = bounds[0], bounds[3]
+  return jnp.minimum(jnp.maximum(step, lo), jnp.maximum(hi - 1, lo))
+
+
+def _prefix(cfg: Config, prefix_ref: object, b: Array) -> Optional[Array]:
+  return prefix_ref[b] if cfg.has_prefix else None
+
+
+def _bias_head(cfg: Config, b: Array, h: Array) -> tuple:
+  return (b if cfg.bias_batch else 0, h if cfg.bias_heads else 0)
+
+
+def _to_bhsd(x: Array) -> Array:
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _aux_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg: Optional[Array]) -> list:
+  args = [bias] if cfg.has_bias else []
+  if cfg.has_segments:
+    args += [q_seg[:, :, None], kv_seg[:, None, :]]
+  return args
+
+
+def _prefix_arg(cfg: Config, prefix: Optional[Array], batch: int) -> Array:
+  return prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
+   m_sc, l_sc, acc_sc) = _unpack(cfg, refs)
+  bq, bk = cfg.block_q, cfg.block_k
+  b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  prefix = _prefix(cfg, prefix_ref, b)
+
+  @pl.when(kj == 0)
+  def _init() -> None:
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, _F32)
+    l_sc[...] = jnp.zeros(l_sc.shape, _F32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
+
+  def compute(masked: bool) -> None:
+    s = _dot(cfg, q_ref[...], k_ref[...], 1, 1) * cfg.scale
+    if bias_ref is not None:
+      s = s + bias_ref[...].astype(_F32)
+    if masked:
+      s = jnp.where(_tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix), s, -jnp.inf)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - shift)
+    alpha = jnp.exp(m_prev - shift)
+    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = acc_sc[...] * alpha + _dot(cfg, p.astype(v_ref.dtype), v_ref[...], 1, 0)
+    m_sc[...] = m_new
+
+  _when_visited(cfg, kj, kv_range(cfg, qi, bq, bk, prefix), compute)
+
+  @pl.when(kj == pl.num_programs(3) - 1)
+  def _finish() -> None:
+    den = l_sc[...]
+    empty = den == 0.0
+    o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, den)).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(jnp.where(empty, 1.0, den)))
+
+
+def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
+            kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
+  """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq, 1] (f32; +inf on fully masked rows)."""
+  b, sq, h, d = q.shape
+  sk, g, bq, bk = k.shape[1], cfg.group, cfg.block_q, cfg.block_k
+  kvr = lambda i, p, bb: kv_range(cfg, i, bq, bk, _prefix(cfg, p, bb))
+  in_specs = [
+      pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0)),
+      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), _clamped(j, kvr(i, p, bb)), 0)),
+      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), _clamped(j, kvr(i, p, bb)), 0))]
+  if cfg.has_bias:
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (
+        *_bias_head(cfg, bb, hh), i, _clamped(j, kvr(i, p, bb)))))
+  if cfg.has_segments:
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, p: (bb, i, 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, p: (bb, 0, _clamped(j, kvr(i, p, bb))))]
+  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0)),
+               pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, p: (bb, hh, i, 0))]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)])
+  o, lse = pl.pallas_call(
+      lambda *refs: _fwd_kernel(cfg, *refs), grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), q.dtype), jax.ShapeDtypeStruct((b, h, sq, 1), _F32)],
+      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_fwd",
+  )(_prefix_arg(cfg, prefix, b), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *_aux_args(cfg, bias, q_seg, kv_seg))
+  return _to_bhsd(o), lse
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+
+def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+                  bias: Optional[Array], mask: Optional[Array]) -> tuple[Array, Array]:
+  s = _dot(cfg, q, k, 1, 1) * cfg.scale
+  if bias is not None:
+    s = s + bias.astype(_F32)
+  p = jnp.exp(s - lse)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  return p, p * (_dot(cfg, do, v, 1, 1) - delta)
+
+
+def _dkdv_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
+   dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(cfg, refs)
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  nq = cfg.q_len_padded // bq
+  b, kj, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  qi = lax.rem(t, jnp.int32(nq))
+  prefix = _prefix(cfg, prefix_ref, b)
+
+  @pl.when(t == 0)
+  def _init() -> None:
+    dk_sc[...] = jnp.zeros(dk_sc.shape, _F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, _F32)
+
+  def compute(masked: bool) -> None:
+    mask = _tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix) if masked else None
+    bias = bias_ref[...] if bias_ref is not None else None
+    q, do = q_ref[...], do_ref[...]
+    p, ds = _probs_and_ds(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], bias, mask)
+    dv_sc[...] += _dot(cfg, p.astype(do.dtype), do, 0, 0)
+    dk_sc[...] += _dot(cfg, ds.astype(q.dtype), q, 0, 0)
+
+  _when_visited(cfg, qi, q_range(cfg, kj, bq, bk, prefix), compute)
+
+  @pl.when(t == pl.num_programs(3) - 1)
+  def _finish() -> None:
+    dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, *refs: object) -> None:
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
+   dq_ref, *rest) = _unpack(cfg, refs)
+  dbias_ref, dq_sc = (rest[0], rest[1]) if need_dbias else (None, rest[0])
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  prefix = _prefix(cfg, prefix_ref, b)
+
+  @pl.when(kj == 0)
+  def _init() -> None:
+    dq_sc[...] = jnp.zeros(dq_sc.shape, _F32)
+
+  if dbias_ref is not None:  # overwritten below on visited tiles
+    dbias_ref[...] = jnp.zeros(dbias_ref.shape, _F32)
+
+  def compute(masked: bool) -> None:
+    mask = _tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix) if masked else None
+    bias = bias_ref[...] if bias_ref is not None else None
+    k = k_ref[...]
+    _, ds = _probs_and_ds(cfg, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+                          bias, mask)
+    if dbias_ref is not None:
+      dbias_ref[...] = ds
+    dq_sc[...] += _dot(cfg, ds.astype(k.dtype), k, 1, 0)
+
+  _when_visited(cfg, kj, kv_range(cfg, qi, bq, bk, prefix), compute)
+
+  @pl.when(kj == pl.num_programs(3) - 1)
+  def _finish() -> None:
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
+             kv_seg: Optional[Array], prefix: Optional[Array], o: Array, lse: Array, do: Array,
+             need_dbias: bool) -> tuple[Array, Array, Array, Optional[Array]]:
+  """dq, dk, dv and (if need_dbias) the f32 logits gradient [B, H, Sq, Sk]."""
+  b, sq, h, d = q.shape
+  sk, hkv, g = k.shape[1], k.shape[2], cfg.group
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  nq = sq // bq
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(_F32), do.astype(_F32))[..., None]
+  qt, kt, vt, dot_ = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(do)
+  args = (_prefix_arg(cfg, prefix, b), qt, kt, vt, *_aux_args(cfg, bias, q_seg, kv_seg), dot_, lse, delta)
+
+  # dk, dv: grid (batch, kv head, kv block, group head x q block).
+  qr = lambda j, p, bb: q_range(cfg, j, bq, bk, _prefix(cfg, p, bb))
+  qblk = lambda j, t, p, bb: _clamped(lax.rem(t, jnp.int32(nq)), qr(j, p, bb))
+  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hk, j, t, p: (bb, hk * g + idiv(t, nq), qblk(j, t, p, bb), 0))
+  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hk, j, t, p: (bb, hk, j, 0))
+  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hk, j, t, p: (bb, hk * g + idiv(t, nq), qblk(j, t, p, bb), 0))
+  in_specs = [qspec, kvspec, kvspec]
+  if cfg.has_bias:
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hk, j, t, p: (
+        *_bias_head(cfg, bb, hk * g + idiv(t, nq)), qblk(j, t, p, bb), j)))
+  if cfg.has_segments:
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hk, j, t, p: (bb, qblk(j, t, p, bb), 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hk, j, t, p: (bb, 0, j))]
+  in_specs += [qspec, rowspec, rowspec]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, hkv, sk // bk, g * nq), in_specs=in_specs, out_specs=[kvspec, kvspec],
+      scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)])
+  dk, dv = pl.pallas_call(
+      lambda *refs: _dkdv_kernel(cfg, *refs), grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dkdv",
+  )(*args)
+
+  # dq (and the logits gradient): grid (batch, head, q block, kv block).
+  kvr = lambda i, p, bb: kv_range(cfg, i, bq, bk, _prefix(cfg, p, bb))
+  kblk = lambda i, j, p, bb: _clamped(j, kvr(i, p, bb))
+  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0))
+  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), kblk(i, j, p, bb), 0))
+  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, p: (bb, hh, i, 0))
+  in_specs = [qspec, kvspec, kvspec]
+  if cfg.has_bias:
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (
+        *_bias_head(cfg, bb, hh), i, kblk(i, j, p, bb))))
+  if cfg.has_segments:
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, p: (bb, i, 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, p: (bb, 0, kblk(i, j, p, bb)))]
+  in_specs += [qspec, rowspec, rowspec]
+  out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
+  out_specs = [qspec]
+  if need_dbias:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, sq, sk), _F32))
+    out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (bb, hh, i, j)))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1, grid=(b, h, nq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, d), _F32)])
+  outs = pl.pallas_call(
+      lambda *refs: _dq_kernel(cfg, need_dbias, *refs), grid_spec=grid_spec, out_shape=out_shape,
+      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dq",
+  )(*args)
+  return _to_bhsd(outs[0]), _to_bhsd(dk), _to_bhsd(dv), (outs[1] if need_dbias else None)

@@ -1,0 +1,312 @@
+"""FlashAttention-2 kernels written for the Pallas Triton (GPU) lowering; on CPU they run in interpret mode.
+
+Layout: q/k/v stay [batch, seq, heads, head_dim] (no transposes); each program handles one block of one
+head, and loops over the other sequence with `lax.fori_loop`, loading kv (or q) tiles with `pl.ds`. GQA
+reads kv head idiv(h, g)roup in the index maps (k/v are never repeated); the dk/dv kernel runs per kv head
+and loops over the query heads of its group, so no reduction over repeated heads is needed afterwards.
+
+Every loop is split into masked / fully visible / masked ranges (see `_blocks.kv_range`): fully masked
+blocks are not visited at all and fully visible ones skip the mask arithmetic.
+
+Verified here: interpret mode on CPU (numerics, every mask kind), and lowering to Triton IR through
+`jax.jit(...).lower(lowering_platforms=("cuda",))` (block shapes, primitives). Not verified here: PTX
+compilation, run time and speed on a real GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range
+
+Array = jax.Array
+_F32 = jnp.float32
+
+
+def _dot(cfg: Config, a: Array, b: Array, ca: int, cb: int) -> Array:
+  """a·b contracting dim `ca` of a with dim `cb` of b, accumulated in f32."""
+  prec = lax.Precision.HIGHEST if cfg.exact_f32 else None
+  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=_F32)
+
+
+def _compiler_params(cfg: Config, num_warps: int) -> Optional[object]:
+  if cfg.interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
+
+
+def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
+  """Splits kernel refs into (q, k, v, bias, q_seg, kv_seg, prefix, rest...) with None for absent ones."""
+  refs = list(refs)
+  q, k, v = refs[:3]
+  i = 3
+  bias = refs[i] if cfg.has_bias else None
+  i += cfg.has_bias
+  q_seg, kv_seg = (refs[i], refs[i + 1]) if cfg.has_segments else (None, None)
+  i += 2 * cfg.has_segments
+  prefix = refs[i] if cfg.has_prefix else None
+  i += cfg.has_prefix
+  assert len(refs) - i == n_tail, (len(refs), i, n_tail)
+  return (q, k, v, bias, q_seg, kv_seg, prefix, *refs[i:])
+
+
+def _phased_loop(cfg: Config, bounds: tuple, body: Callable, carry: object) -> object:
+  """Runs body(masked)(idx, carry) over masked [lo, flo), visible [flo, fhi), masked [fhi, hi)."""
+  lo, flo, fhi, hi = bounds
+  if not cfg.any_mask:
+    return lax.fori_loop(lo, hi, body(False), carry)
+  if cfg.has_segments:
+    return lax.fori_loop(lo, hi, body(True), carry)
+  carry = lax.fori_loop(lo, flo, body(True), carry)
+  carry = lax.fori_loop(flo, fhi, body(False), carry)
+  return lax.fori_loop(fhi, hi, body(True), carry)
+
+
+def _positions(start: Array, n: int) -> Array:
+  return start + jnp.arange(n, dtype=jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(cfg: Config, *refs: object) -> None:
+  q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref, o_ref, lse_ref = _unpack(cfg, refs, 2)
+  bq, bk = cfg.block_q, cfg.block_k
+  qi = pl.program_id(0)
+  prefix = prefix_ref[...] if prefix_ref is not None else None
+  q = q_ref[...]
+  q_pos = _positions(qi * bq, bq)[:, None]
+  q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
+
+  def body(masked: bool) -> Callable:
+    def step(j: Array, carry: tuple) -> tuple:
+      acc, m, den = carry
+      start = pl.multiple_of(j * bk, bk)
+      k = k_ref[pl.ds(start, bk), :]
+      v = v_ref[pl.ds(start, bk), :]
+      s = _dot(cfg, q, k, 1, 1) * cfg.scale
+      if bias_ref is not None:
+        s = s + bias_ref[:, pl.ds(start, bk)].astype(_F32)
+      if masked:
+        kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
+        mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
+        s = jnp.where(mask, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+      p = jnp.exp(s - shift[:, None])
+      alpha = jnp.exp(m - shift)
+      den = den * alpha + jnp.sum(p, axis=1)
+      acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, 1, 0)
+      return acc, m_new, den
+    return step
+
+  d = q.shape[-1]
+  carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
+  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix), body, carry)
+  empty = den == 0.0  # fully masked rows: output 0, lse +inf (so backward gets p = 0)
+  o_ref[...] = (acc / jnp.where(empty, 1.0, den)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
+
+
+def _bias_index(cfg: Config, b: Array, h: Array) -> tuple:
+  return (b if cfg.bias_batch else 0, h if cfg.bias_heads else 0)
+
+
+def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias_spec: pl.BlockSpec,
+                  qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec) -> list:
+  specs = [q_spec, kv_spec, kv_spec]
+  if cfg.has_bias:
+    specs.append(bias_spec)
+  if cfg.has_segments:
+    specs += [qseg_spec, kseg_spec]
+  if cfg.has_prefix:
+    specs.append(prefix_spec)
+  return specs
+
+
+def _extra_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg: Optional[Array],
+                prefix: Optional[Array]) -> list:
+  args = [bias] if cfg.has_bias else []
+  args += [q_seg, kv_seg] if cfg.has_segments else []
+  return args + ([prefix] if cfg.has_prefix else [])
+
+
+def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
+            kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
+  """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq] (f32; +inf on fully masked rows)."""
+  b, sq, h, d = q.shape
+  sk, g, bq = k.shape[1], cfg.group, cfg.block_q
+  in_specs = _common_specs(
+      cfg,
+      pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, sk, None, d), lambda i, b, h: (b, 0, idiv(h, g), 0)),
+      pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*_bias_index(cfg, b, h), i, 0)),
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+      pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
+      pl.BlockSpec((None,), lambda i, b, h: (b,)))
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+               pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+  return pl.pallas_call(
+      lambda *refs: _fwd_kernel(cfg, *refs),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), _F32)],
+      grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
+      interpret=cfg.interpret, compiler_params=_compiler_params(cfg, cfg.num_warps),
+      name="flash_attention_fwd",
+  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix))
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+
+def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+                  bias: Optional[Array], mask: Optional[Array]) -> tuple[Array, Array]:
+  """Recomputes p = softmax probabilities of one tile and ds = dL/dlogits = p * (dO v^T - delta)."""
+  s = _dot(cfg, q, k, 1, 1) * cfg.scale
+  if bias is not None:
+    s = s + bias.astype(_F32)
+  p = jnp.exp(s - lse[:, None])
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dp = _dot(cfg, do, v, 1, 1)
+  return p, p * (dp - delta[:, None])
+
+
+def _dkdv_kernel(cfg: Config, *refs: object) -> None:
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref,
+   do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _unpack(cfg, refs, 5)
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  kj = pl.program_id(0)
+  prefix = prefix_ref[...] if prefix_ref is not None else None
+  k, v = k_ref[...], v_ref[...]
+  kv_pos = _positions(kj * bk, bk)[None, :]
+  kv_seg = kseg_ref[...][None, :] if kseg_ref is not None else None
+  bounds = q_range(cfg, kj, bq, bk, prefix)
+
+  def head(hg: Array, carry: tuple) -> tuple:
+    def body(masked: bool) -> Callable:
+      def step(i: Array, carry: tuple) -> tuple:
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(start, bq), hg, :]
+        do = do_ref[pl.ds(start, bq), hg, :]
+        bias = None
+        if bias_ref is not None:
+          bias = bias_ref[hg if cfg.bias_heads else 0, pl.ds(start, bq), :]
+        mask = None
+        if masked:
+          q_seg = qseg_ref[pl.ds(start, bq)][:, None] if qseg_ref is not None else None
+          mask = block_mask(cfg, _positions(start, bq)[:, None], kv_pos, q_seg, kv_seg, prefix)
+        p, ds = _probs_and_ds(cfg, q, k, v, do, lse_ref[hg, pl.ds(start, bq)],
+                              delta_ref[hg, pl.ds(start, bq)], bias, mask)
+        dv = dv + _dot(cfg, p.astype(do.dtype), do, 0, 0)
+        dk = dk + _dot(cfg, ds.astype(q.dtype), q, 0, 0)
+        return dk, dv
+      return step
+    return _phased_loop(cfg, bounds, body, carry)
+
+  d = k.shape[-1]
+  zeros = jnp.zeros((bk, d), _F32)
+  dk, dv = lax.fori_loop(0, cfg.group, head, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref,
+   do_ref, lse_ref, delta_ref, dq_ref, *dbias_ref) = _unpack(cfg, refs, 4 + need_dbias)
+  dbias_ref = dbias_ref[0] if need_dbias else None
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  qi = pl.program_id(0)
+  prefix = prefix_ref[...] if prefix_ref is not None else None
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos = _positions(qi * bq, bq)[:, None]
+  q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
+
+  def body(masked: bool) -> Callable:
+    def step(j: Array, dq: Array) -> Array:
+      start = pl.multiple_of(j * bk, bk)
+      k = k_ref[pl.ds(start, bk), :]
+      v = v_ref[pl.ds(start, bk), :]
+      bias = bias_ref[:, pl.ds(start, bk)] if bias_ref is not None else None
+      mask = None
+      if masked:
+        kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
+        mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
+      _, ds = _probs_and_ds(cfg, q, k, v, do, lse, delta, bias, mask)
+      if dbias_ref is not None:
+        dbias_ref[:, pl.ds(start, bk)] = ds
+      return dq + _dot(cfg, ds.astype(k.dtype), k, 1, 0)
+    return step
+
+  bounds = kv_range(cfg, qi, bq, bk, prefix)
+  dq = _phased_loop(cfg, bounds, body, jnp.zeros(q.shape, _F32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+  if dbias_ref is not None:  # skipped (fully masked) tiles get a zero bias gradient
+    def zero(j: Array, c: int) -> int:
+      dbias_ref[:, pl.ds(pl.multiple_of(j * bk, bk), bk)] = jnp.zeros((bq, bk), _F32)
+      return c
+    lax.fori_loop(0, bounds[0], zero, 0)
+    lax.fori_loop(bounds[3], cfg.kv_len_padded // bk, zero, 0)
+
+
+def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
+             kv_seg: Optional[Array], prefix: Optional[Array], o: Array, lse: Array, do: Array,
+             need_dbias: bool) -> tuple[Array, Array, Array, Optional[Array]]:
+  """dq, dk, dv and (if need_dbias) the f32 logits gradient [B, H, Sq, Sk] (the unreduced dbias)."""
+  b, sq, h, d = q.shape
+  sk, hkv, g = k.shape[1], k.shape[2], cfg.group
+  bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(_F32), do.astype(_F32))
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix)
+  params = _compiler_params(cfg, cfg.num_warps_bwd)
+
+  # dk, dv: one program per (kv block, batch, kv head), looping over the group's query heads.
+  gb = g if cfg.bias_heads else 1
+  in_specs = _common_specs(
+      cfg,
+      pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
+      pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0)),
+      pl.BlockSpec((None, gb, sq, bk), lambda j, b, hk: (*_bias_index(cfg, b, hk), 0, j)),
+      pl.BlockSpec((None, sq), lambda j, b, hk: (b, 0)),
+      pl.BlockSpec((None, bk), lambda j, b, hk: (b, j)),
+      pl.BlockSpec((None,), lambda j, b, hk: (b,)))
+  in_specs += [pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
+               pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0)),
+               pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0))]
+  kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0))
+  dk, dv = pl.pallas_call(
+      lambda *refs: _dkdv_kernel(cfg, *refs),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      grid=(sk // bk, b, hkv), in_specs=in_specs, out_specs=[kv_out, kv_out],
+      interpret=cfg.interpret, compiler_params=params, name="flash_attention_dkdv",
+  )(q, k, v, *extra, do, lse, delta)
+
+  # dq (and the logits gradient for dbias): one program per (q block, batch, head).
+  in_specs = _common_specs(
+      cfg,
+      pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, sk, None, d), lambda i, b, h: (b, 0, idiv(h, g), 0)),
+      pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*_bias_index(cfg, b, h), i, 0)),
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+      pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
+      pl.BlockSpec((None,), lambda i, b, h: (b,)))
+  row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0))]
+  if need_dbias:
+    out_shape.append(jax.ShapeDtypeStruct((b, h, sq, sk), _F32))
+    out_specs.append(pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (b, h, i, 0)))
+  outs = pl.pallas_call(
+      lambda *refs: _dq_kernel(cfg, need_dbias, *refs),
+      out_shape=out_shape, grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
+      interpret=cfg.interpret, compiler_params=params, name="flash_attention_dq",
+  )(q, k, v, *extra, do, lse, delta)
+  return outs[0], dk, dv, (outs[1] if need_dbias else None)
