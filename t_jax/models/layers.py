@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,22 @@ def kernel_init(cfg: ModelConfig) -> Callable:
   return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+class _Logical(nn.LogicallyPartitioned):
+  """Logical-axis box whose unbox skips the constraint on DenseGeneral's flattened 2-D init view.
+
+  DenseGeneral calls kernel_init with a 2-D shape and unboxes before reshaping; under `jax.set_mesh`
+  flax would constrain that 2-D value with the 3-D names and fail.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    """The value, constrained only when its rank matches the axis names."""
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _logical(init: Callable, axes: tuple[str, ...]) -> Callable:
+  return lambda *args, **kwargs: _Logical(init(*args, **kwargs), axes)
+
+
 def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...], name: str,
           in_axes: int = 1, use_bias: Optional[bool] = None) -> nn.DenseGeneral:
   """DenseGeneral contracting the last `in_axes` axes, with logical axis names on every parameter."""
@@ -29,7 +45,7 @@ def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...]
   return nn.DenseGeneral(
       features=features, axis=tuple(range(-in_axes, 0)), use_bias=bias, name=name,
       dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-      kernel_init=P(kernel_init(cfg), axes), bias_init=P(nn.initializers.zeros, axes[in_axes:]))
+      kernel_init=_logical(kernel_init(cfg), axes), bias_init=_logical(nn.initializers.zeros, axes[in_axes:]))
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
