@@ -24,6 +24,7 @@ class MeshConfig:
   sequence: int = 1
   tensor: int = 1
   rules: str = "data_parallel"  # see t_jax.sharding.rules.PRESETS
+  indivisible: str = "replicate"  # a parameter dim a rule's mesh axes don't divide: "replicate" (warn) or "error"
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
