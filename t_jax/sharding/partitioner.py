@@ -5,6 +5,16 @@ kv heads on a 4-way tensor axis) is narrowed to its longest dividing prefix of m
 skipped so that a later rule (or none: replicated) applies. With `indivisible="replicate"` (the
 default) each such fallback is logged once as a warning; with `indivisible="error"` it raises.
 Activation constraints go through flax unchanged; XLA pads uneven activation splits itself.
+
+  part = Partitioner.from_config()                     # MeshConfig from gin
+  state, shardings = part.init(init_fn, key)           # init_fn returns boxed params (+ optimizer state)
+  with part.context():                                 # trace model code here
+    step = jax.jit(train_step, in_shardings=(shardings, part.batch_sharding),
+                   out_shardings=(shardings, part.replicated), donate_argnums=0)
+    state, metrics = step(state, part.global_batch(local_batch))
+
+In train_step, `jax.lax.with_sharding_constraint(grads, shardings["params"])` keeps gradients
+ZeRO-sharded (a reduce-scatter); GSPMD's own propagation leaves some (the embedding's) replicated.
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ class Partitioner:
     self.mesh = mesh
     self.rules = rules
     self.indivisible = indivisible
+    self._warned: set[tuple] = set()
 
   @classmethod
   def from_config(cls, cfg: Optional[MeshConfig] = None) -> Partitioner:
@@ -120,8 +131,11 @@ class Partitioner:
 
     out = jax.tree_util.tree_map_with_path(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     for (name, size, wanted, kept), where in seen.items():
-      log.warning("sharding fallback: %r (size %d) is not divisible by mesh axes %s; sharded over %s instead "
-                  "in %d arrays, e.g. %s", name, size, wanted, kept or "nothing (replicated)", len(where), where[0])
+      if (name, size, wanted, kept) not in self._warned:  # once per Partitioner
+        self._warned.add((name, size, wanted, kept))
+        log.warning("sharding fallback: %r (size %d) is not divisible by mesh axes %s; sharded over %s instead "
+                    "in %d arrays, e.g. %s", name, size, wanted, kept or "nothing (replicated)", len(where),
+                    min(where, key=len))
     return out
 
   def abstract(self, abstract_boxed: PyTree) -> PyTree:
