@@ -15,5 +15,6 @@ from t_jax.models import (
                           init_params,
                           logical_axes,
 )
+from t_jax.training.load import load
 
 __version__ = "0.1.0"

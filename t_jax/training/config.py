@@ -1,0 +1,95 @@
+"""TrainConfig and OptimizerConfig: every knob of a training run, set from gin (configs/experiments/*.gin)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
+ON_NONFINITE = ("skip", "stop")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop: length, batch, logging, eval, checkpoints, loss extras, samples."""
+
+  num_steps: int = 1000
+  batch_size: int = 32  # global examples per optimizer step
+  per_device_batch_size: Optional[int] = None  # microbatch per data shard; smaller = gradient accumulation
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 500  # 0: evaluate only at the end
+  eval_batches: Optional[int] = 20  # None: the whole validation split
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3  # the most recent K
+  keep_best: int = 0  # additionally keep the K checkpoints with the lowest eval_loss
+  async_checkpoints: bool = True
+  init_from: Optional[str] = None  # workdir of converted params (DIR/config.gin + DIR/params/)
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0  # weight of log(Z)^2 (PaLM's z-loss)
+  on_nonfinite: str = "skip"  # a non-finite loss/gradient: 'skip' the update (counted) or 'stop'
+  max_consecutive_nonfinite: int = 20  # with 'skip': stop after this many skipped steps in a row
+  num_samples: int = 3  # LM continuations (or translations) printed at the end
+  sample_prompt_len: int = 12
+  sample_len: int = 40
+  temperature: float = 0.0  # 0 = greedy
+  unigram_baseline_batches: int = 200  # training batches counted for the unigram baseline (LMs); 0 = off
+  progress_bar: bool = True
+
+  def __post_init__(self) -> None:
+    """Rejects impossible values early, naming the field."""
+    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.per_device_batch_size is not None and self.per_device_batch_size < 1:
+      raise ValueError(f"TrainConfig.per_device_batch_size must be >= 1 or None, got {self.per_device_batch_size}")
+    if self.eval_every < 0 or self.keep_best < 0 or self.max_consecutive_nonfinite < 0:
+      raise ValueError("TrainConfig.eval_every, keep_best and max_consecutive_nonfinite must be >= 0")
+    if not 0.0 <= self.label_smoothing < 1.0 or self.z_loss < 0.0:
+      raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1) and z_loss >= 0, got "
+                       f"{self.label_smoothing}, {self.z_loss}")
+    if self.on_nonfinite not in ON_NONFINITE:
+      raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} is not one of {ON_NONFINITE}")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimizer, learning-rate schedule and gradient clipping (built with optax)."""
+
+  optimizer: str = "adamw"
+  learning_rate: float = 1e-3  # peak, reached after warmup
+  schedule: str = "cosine"  # rsqrt (Vaswani 2017) | cosine | linear | constant, all after linear warmup
+  warmup_steps: int = 0
+  decay_steps: Optional[int] = None  # cosine/linear decay horizon incl. warmup; None = TrainConfig.num_steps
+  final_lr_fraction: float = 0.0  # cosine/linear: final learning rate = fraction * peak
+  clip_norm: Optional[float] = 1.0  # global-norm clipping; None = off
+  weight_decay: float = 0.0  # decoupled; applied to matrices only (ndim >= 2)
+  b1: float = 0.9  # adamw
+  b2: float = 0.999  # adamw
+  eps: float = 1e-8  # adamw
+  momentum: float = 0.9  # sgd
+  nesterov: bool = False  # sgd
+  adafactor_decay_rate: float = 0.8
+  adafactor_clipping_threshold: Optional[float] = 1.0
+  adafactor_parameter_scale: bool = True  # learning rate relative to parameter RMS (T5)
+  adafactor_momentum: Optional[float] = None
+  adafactor_min_dim_to_factor: int = 128
+
+  def __post_init__(self) -> None:
+    """Rejects unknown names and impossible values, naming the field."""
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"OptimizerConfig.optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"OptimizerConfig.schedule={self.schedule!r} is not one of {SCHEDULES}")
+    if self.learning_rate <= 0 or self.warmup_steps < 0:
+      raise ValueError(f"OptimizerConfig.learning_rate must be > 0 and warmup_steps >= 0, got "
+                       f"{self.learning_rate}, {self.warmup_steps}")
+    if self.schedule == "rsqrt" and self.warmup_steps < 1:
+      raise ValueError("OptimizerConfig.schedule='rsqrt' needs warmup_steps >= 1")
+    if self.clip_norm is not None and self.clip_norm <= 0:
+      raise ValueError(f"OptimizerConfig.clip_norm must be > 0 or None, got {self.clip_norm}")

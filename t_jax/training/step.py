@@ -1,0 +1,98 @@
+"""The train state and the pure step functions: init_state, train_step, eval_step.
+
+State is a plain dict {'step', 'params', 'opt_state', 'rng'}; the per-step dropout key is
+fold_in(rng, step), so a restored state continues exactly where the saved one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from t_jax.models import init_boxed
+from t_jax.training.config import TrainConfig
+from t_jax.training.losses import token_losses
+from t_jax.training.tasks import Batch, forward
+
+State = dict[str, Any]
+
+
+def _rebox(value: jax.Array, box: Any) -> Any:
+  """Gives an optimizer-state leaf its parameter's logical axes when it has the parameter's shape."""
+  if isinstance(box, nn.Partitioned) and value.shape == box.value.shape:
+    return box.replace_boxed(value)
+  return value
+
+
+def make_init(model: nn.Module, tx: optax.GradientTransformation, length: int) -> Callable[[jax.Array], State]:
+  """init(key) -> state with flax logical-axis boxes (for Partitioner.init) on params and optimizer moments."""
+
+  def init(key: jax.Array) -> State:
+    param_key, step_key = jax.random.split(key)
+    boxed = init_boxed(model, param_key, length)
+    opt_state = tx.init(nn.meta.unbox(boxed))
+    opt_state = optax.tree_map_params(tx, _rebox, opt_state, boxed)
+    return {"step": jnp.zeros((), jnp.int32), "params": boxed, "opt_state": opt_state,
+            "rng": jax.random.key_data(step_key)}
+
+  return init
+
+
+def _microbatches(batch: Batch, accum: int) -> Batch:
+  """[B, ...] -> [accum, B / accum, ...]; row r goes to microbatch r % accum so each keeps its data shard."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str, cfg: TrainConfig,
+                    schedule: optax.Schedule, accum: int = 1) -> Callable[[State, Batch], tuple[State, dict]]:
+  """train_step(state, batch) -> (state, metrics); gradients summed over `accum` microbatches (lax.scan)."""
+
+  def loss_fn(params: Any, batch: Batch, key: jax.Array, total_weight: jax.Array) -> tuple[jax.Array, dict]:
+    logits, targets, weights = forward(model, params, batch, kind, rngs={"dropout": key})
+    sums = token_losses(logits, targets, weights, cfg.label_smoothing, cfg.z_loss)
+    return sums["loss"] / total_weight, sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    total = jnp.maximum(batch["weights"].sum(), 1.0)  # normalise by the whole batch's weight
+    if accum == 1:
+      grads, sums = grad_fn(state["params"], batch, key, total)
+    else:
+      micro = _microbatches(batch, accum)
+
+      def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        i, mb = xs
+        return jax.tree.map(jnp.add, carry, grad_fn(state["params"], mb, jax.random.fold_in(key, i), total)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], first, key, total))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    loss = sums["loss"] / total
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)  # bad loss: skip too
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "nll": sums["nll"] / total, "accuracy": sums["correct"] / total,
+               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+               "skipped_steps": opt_state.total_notfinite, "consecutive_skips": opt_state.notfinite_count}
+    if cfg.z_loss:
+      metrics["z_loss"] = sums["z_loss"] / total
+    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, kind: str) -> Callable[[Any, Batch], dict]:
+  """eval_step(params, batch) -> summed nll, correct and weight (deterministic model)."""
+
+  def eval_step(params: Any, batch: Batch) -> dict:
+    logits, targets, weights = forward(model, params, batch, kind)
+    return token_losses(logits, targets, weights)
+
+  return eval_step
