@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from t_jax.config_utils import ConfigError, parse_gin
 from t_jax.models import ModelConfig, abstract_params, build_model, param_table
+from t_jax.sharding import maybe_initialize_from_flags
 from t_jax.training import train
 
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin files (searched in . and configs/).")
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
+    maybe_initialize_from_flags()  # multi-process runs join jax.distributed before any device use
     parse_gin(FLAGS.value, BINDINGS.value)
     if DRY_RUN.value:
       return dry_run()
