@@ -224,7 +224,20 @@ def _check_run(ref: dict, got: dict, preset: str) -> None:
     assert got["sequence_constraints"] > 0, "no activation is constrained over the sequence axis"
 
 
-# ---- worker ----
+@pytest.mark.slow
+def test_training_loop_step_under_presets():
+  # t_jax.training's own init/train_step (adamw via make_optimizer, microbatching) on 8 devices.
+  (report,) = md.run_workers(__file__, [["train_step"]])
+  runs = {k: v for k, v in report.items() if k != "log"}
+  assert len(runs) == 8
+  for label, got in runs.items():
+    ref = report["seq2seq reference" if label.startswith("seq2seq") else "causal_lm reference"]
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-4, atol=1e-5, err_msg=label)
+    np.testing.assert_allclose(got["grad_norms"], ref["grad_norms"], rtol=1e-4, err_msg=label)
+    assert got["losses"][-1] < got["losses"][0], label
+
+
+# ---- workers ----
 
 def _run(family: str, part: Partitioner, batches: list, reference: dict | None) -> dict:
   from t_jax.sharding import bytes_per_device
@@ -282,9 +295,58 @@ def worker(family: str, out: str) -> None:
   md.write_report(out, report)
 
 
+def _training_batch(kind: str, seed: int) -> dict:
+  """A batch in t_jax.training's layout (unpacked: one segment per row, all weights 1)."""
+  b = md.make_batch("encoder_decoder" if kind == "seq2seq" else "decoder", seed)
+  n, length = b["inputs"].shape
+  pos = np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)).copy()
+  seg, weights = np.ones((n, length), np.int32), np.ones((n, length), np.float32)
+  if kind == "seq2seq":
+    return dict(encoder_inputs=b["inputs"], decoder_inputs=b["decoder_inputs"], decoder_targets=b["targets"],
+                encoder_segment_ids=seg, encoder_positions=pos, decoder_segment_ids=seg, decoder_positions=pos,
+                weights=weights)
+  return dict(inputs=b["inputs"], targets=b["targets"], positions=pos, segment_ids=seg, weights=weights)
+
+
+def _train_loop_step(kind: str, part: Partitioner, accum: int = 1) -> dict:
+  from t_jax import training
+  model = build_model(md.model_config("encoder_decoder" if kind == "seq2seq" else "decoder"))
+  opt = training.OptimizerConfig(learning_rate=1e-2, schedule="constant")
+  tx, schedule = training.make_optimizer(opt, 10), training.make_schedule(opt, 10)
+  state, shardings = part.init(training.make_init(model, tx, 8), jax.random.key(0))
+  out = {"losses": [], "grad_norms": []}
+  with part.context():
+    step = jax.jit(training.make_train_step(model, tx, kind, training.TrainConfig(), schedule, accum),
+                   in_shardings=(shardings, part.batch_sharding), out_shardings=(shardings, part.replicated),
+                   donate_argnums=0)
+    for seed in range(md.STEPS):
+      state, metrics = step(state, part.global_batch(_training_batch(kind, seed)))
+      out["losses"].append(float(metrics["loss"]))
+      out["grad_norms"].append(float(metrics["grad_norm"]))
+  return out
+
+
+def train_step_worker(out: str) -> None:
+  """t_jax.training's step: causal LM under every preset (and accumulation), seq2seq under FSDP x TP."""
+  md.use_cpu_devices(8)
+  from t_jax.sharding import make_mesh
+  single = Partitioner(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]), rules_for("data_parallel"))
+  preset = lambda label: Partitioner.from_config(MeshConfig(rules=md.MESHES[label][0], **md.MESHES[label][1]))
+  report = {"causal_lm reference": _train_loop_step("causal_lm", single),
+            "seq2seq reference": _train_loop_step("seq2seq", single),
+            "seq2seq fsdp_tensor": _train_loop_step("seq2seq", preset("fsdp_tensor")),
+            "causal_lm fsdp 2 microbatches": _train_loop_step("causal_lm", preset("fsdp"), accum=2)}
+  for label in ("data_parallel", "fsdp", "tensor", "fsdp_tensor"):
+    report[f"causal_lm {label}"] = _train_loop_step("causal_lm", preset(label))
+  md.write_report(out, report)
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
   parser.add_argument("--worker", nargs=1, required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  worker(args.worker[0], args.out)
+  if args.worker[0] == "train_step":
+    train_step_worker(args.out)
+  else:
+    worker(args.worker[0], args.out)
