@@ -191,6 +191,19 @@ def test_nonfinite_step_is_skipped_and_counted(adamw_step):
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state["params"])))
 
 
+def test_full_pass_sampler_matches_the_inference_engine(adamw_step):
+  pytest.importorskip("t_jax.inference")
+  from t_jax.training import sample
+
+  state, _ = adamw_step
+  prompts = [[1, 5, 9, 12], [1, 7]]
+  got = sample.continue_tokens(_tiny_lm()[1], state["params"], prompts, 6, 0.0, 0)
+  want = sample._full_pass_decode(_tiny_lm()[1], state["params"], prompts, 6, 0.0, 0)
+  for g, w in zip(got, want):
+    n = list(w).index(1) + 1 if 1 in w else len(w)  # the engine pads after eos
+    assert list(g[:n]) == list(w[:n])
+
+
 # ---------------------------------------------------------------- end-to-end tiny runs
 
 

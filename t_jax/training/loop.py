@@ -149,12 +149,13 @@ def _samples(cfg: TrainConfig, task: TaskConfig, model: nn.Module, params: Any, 
   if not cfg.num_samples or not (task.kind in LM_KINDS or isinstance(task.objective, Seq2Seq)):
     return []
   source = task.eval_source if task.eval_source is not None else task.train_source
-  docs = [source[i * len(source) // cfg.num_samples] for i in range(min(cfg.num_samples, len(source)))]
+  key = task.objective.text_key if task.kind in LM_KINDS else task.objective.inputs_key
+  spread = (source[i * len(source) // (4 * cfg.num_samples)] for i in range(4 * cfg.num_samples))
+  texts = [d[key] for d in spread if d is not None and len(d[key]) > 8 * cfg.sample_prompt_len]  # room to go on
+  texts = (texts or [source[0][key]])[:cfg.num_samples]
   if task.kind in LM_KINDS:
-    texts = [d[task.objective.text_key] for d in docs]
     return sample.lm_samples(model, params, tok, texts, cfg.sample_prompt_len, cfg.sample_len, cfg.temperature,
-                             cfg.seed, prefix_lm=task.kind == "prefix_lm")
-  texts = [d[task.objective.inputs_key] for d in docs]
+                             cfg.seed)
   return sample.seq2seq_samples(model, params, tok, texts, task.objective.inputs_len, cfg.sample_len,
                                 cfg.temperature, cfg.seed)
 
@@ -212,7 +213,7 @@ def train(workdir: str) -> dict:
         f"{jax.device_count()}; batch {cfg.batch_size} ({accum} microbatches); workdir {workdir}")
 
   with partitioner.context():
-    step_fn = jax.jit(make_train_step(train_model, tx, task.kind, cfg, schedule, accum),
+    step_fn = jax.jit(make_train_step(train_model, tx, task.kind, cfg, schedule, accum, shardings["params"]),
                       in_shardings=(shardings, partitioner.batch_sharding),
                       out_shardings=(shardings, partitioner.replicated), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(eval_model, task.kind),

@@ -1,4 +1,5 @@
-"""End-of-run extras: greedy/temperature samples (full forward pass per token) and the unigram baseline."""
+"""End-of-run extras: greedy/temperature samples (t_jax.inference.generate, or full forward passes) and the
+unigram baseline."""
 
 from __future__ import annotations
 
@@ -30,39 +31,57 @@ def extend(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array, lengt
   return jax.lax.fori_loop(jnp.min(lengths), tokens.shape[1], body, (tokens, key))[0]
 
 
+def _full_pass_decode(model: nn.Module, params: Any, prompts: list[list[int]], n: int, temperature: float,
+                      seed: int) -> np.ndarray:
+  """[B, n] new tokens by full forward passes (fallback when t_jax.inference is unavailable)."""
+  width = max(map(len, prompts))
+  padded = np.zeros((len(prompts), width), np.int32)
+  for row, p in zip(padded, prompts):
+    row[:len(p)] = p
+  key = jax.random.key(seed)
+  if model.cfg.architecture == "encoder_decoder":
+    enc, enc_seg = jnp.asarray(padded), jnp.asarray(padded > 0, jnp.int32)
+    fn = lambda p, x: model.apply({"params": p}, enc, x, encoder_segment_ids=enc_seg)
+    starts = jnp.ones((len(prompts),), jnp.int32)  # position 0 holds the start token (pad = 0)
+    out = jax.jit(lambda p: extend(lambda x: fn(p, x), jnp.zeros((len(prompts), n + 1), jnp.int32), starts, key,
+                                   temperature))(params)
+    return np.asarray(out)[:, 1:]
+  lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  kw = {"prefix_len": lengths} if model.cfg.architecture == "prefix_lm" else {}
+  tokens = jnp.asarray(np.pad(padded, ((0, 0), (0, n))))
+  out = np.asarray(jax.jit(lambda p: extend(lambda x: model.apply({"params": p}, x, **kw), tokens, lengths, key,
+                                            temperature))(params))
+  return np.stack([row[len(p):len(p) + n] for p, row in zip(prompts, out)])
+
+
+def continue_tokens(model: nn.Module, params: Any, prompts: list[list[int]], n: int, temperature: float,
+                    seed: int) -> np.ndarray:
+  """[B, n] greedy (temperature 0) or sampled tokens after each prompt (encoder-decoder: translations)."""
+  if model.cfg.position == "learned" and model.cfg.architecture != "encoder_decoder":
+    n = max(1, min(n, model.cfg.max_len - max(map(len, prompts))))
+  try:
+    from t_jax.inference import generate
+  except ImportError:
+    return _full_pass_decode(model, params, prompts, n, temperature, seed)
+  if temperature > 0:
+    return generate(model.cfg, params, prompts, n, "sample", seed=seed, temperature=temperature)
+  return generate(model.cfg, params, prompts, n, "greedy", seed=seed)
+
+
 def lm_samples(model: nn.Module, params: Any, tok: Tokenizer, texts: Sequence[str], prompt_len: int,
-               sample_len: int, temperature: float, seed: int, prefix_lm: bool = False) -> list[tuple[str, str]]:
+               sample_len: int, temperature: float, seed: int) -> list[tuple[str, str]]:
   """(prompt, continuation) pairs: the first prompt_len tokens of each text, continued by the model."""
   prompts = [[tok.bos_id, *tok.encode(t)[:prompt_len]] for t in texts]
-  total = max(map(len, prompts)) + sample_len
-  if model.cfg.position == "learned":
-    total = min(total, model.cfg.max_len)
-  tokens = np.zeros((len(prompts), total), np.int32)
-  for row, p in zip(tokens, prompts):
-    row[:len(p)] = p
-  lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  kw = {"prefix_len": lengths} if prefix_lm else {}
-  fn = jax.jit(lambda p, t, k: extend(lambda x: model.apply({"params": p}, x, **kw), t, lengths, k, temperature))
-  out = np.asarray(fn(params, jnp.asarray(tokens), jax.random.key(seed)))
-  return [(tok.decode(p[1:]), tok.decode(row[len(p):])) for p, row in zip(prompts, out)]
+  out = continue_tokens(model, params, prompts, sample_len, temperature, seed)
+  return [(tok.decode(p[1:]), tok.decode(row)) for p, row in zip(prompts, out)]
 
 
 def seq2seq_samples(model: nn.Module, params: Any, tok: Tokenizer, sources: Sequence[str], inputs_len: int,
                     sample_len: int, temperature: float, seed: int) -> list[tuple[str, str]]:
-  """(source, output) pairs decoded from the pad start token, one full decoder pass per token."""
-  enc = np.zeros((len(sources), inputs_len), np.int32)
-  for row, s in zip(enc, sources):
-    ids = [*tok.encode(s)[:inputs_len - 1], tok.eos_id]
-    row[:len(ids)] = ids
-  enc_seg = jnp.asarray(enc > 0, jnp.int32)
-  starts = jnp.ones((len(sources),), jnp.int32)  # position 0 holds the start token (pad = 0)
-
-  def logits_fn(p: Any, dec: jax.Array) -> jax.Array:
-    return model.apply({"params": p}, jnp.asarray(enc), dec, encoder_segment_ids=enc_seg)
-
-  fn = jax.jit(lambda p, d, k: extend(lambda x: logits_fn(p, x), d, starts, k, temperature))
-  out = np.asarray(fn(params, jnp.zeros((len(sources), sample_len + 1), jnp.int32), jax.random.key(seed)))
-  return [(s, tok.decode(row[1:])) for s, row in zip(sources, out)]
+  """(source, output) pairs: each source (eos-terminated, truncated to inputs_len) decoded by the model."""
+  prompts = [[*tok.encode(s)[:inputs_len - 1], tok.eos_id] for s in sources]
+  out = continue_tokens(model, params, prompts, sample_len, temperature, seed)
+  return [(s, tok.decode(row)) for s, row in zip(sources, out)]
 
 
 def target_counts(batches: Iterable[dict], vocab_size: int) -> np.ndarray:

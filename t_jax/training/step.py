@@ -49,8 +49,12 @@ def _microbatches(batch: Batch, accum: int) -> Batch:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str, cfg: TrainConfig,
-                    schedule: optax.Schedule, accum: int = 1) -> Callable[[State, Batch], tuple[State, dict]]:
-  """train_step(state, batch) -> (state, metrics); gradients summed over `accum` microbatches (lax.scan)."""
+                    schedule: optax.Schedule, accum: int = 1, param_shardings: Any = None
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """train_step(state, batch) -> (state, metrics); gradients summed over `accum` microbatches (lax.scan).
+
+  `param_shardings` (optional) pins the gradients to the parameters' layout (a reduce-scatter under FSDP).
+  """
 
   def loss_fn(params: Any, batch: Batch, key: jax.Array, total_weight: jax.Array) -> tuple[jax.Array, dict]:
     logits, targets, weights = forward(model, params, batch, kind, rngs={"dropout": key})
@@ -74,6 +78,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], first, key, total))
       (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    if param_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     loss = sums["loss"] / total
     grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)  # bad loss: skip too
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -59,6 +59,8 @@ class TaskConfig:
   num_extra_ids: int = 0  # T5 sentinels
   tokenizer_type: str = "unigram"  # or 'bpe'
   tokenizer_sentences: int = 100_000  # sentences sampled to train the tokenizer
+  tokenizer_character_coverage: float = 0.9995
+  tokenizer_byte_fallback: bool = False  # unknown characters as UTF-8 bytes instead of <unk>
   packing_bins: Optional[int] = None  # None = batch size
   data_threads: int = 2
   prefetch: int = 64
@@ -104,7 +106,9 @@ def make_tokenizer(task: TaskConfig, model_cfg: ModelConfig, workdir: str) -> da
     vocab = (task.vocab_size or model_cfg.vocab_size) - task.num_extra_ids
     tok = data.Tokenizer.train(task.train_source, os.path.join(workdir, "tokenizer.model"), vocab_size=vocab,
                                model_type=task.tokenizer_type, num_extra_ids=task.num_extra_ids,
-                               max_sentences=task.tokenizer_sentences)
+                               max_sentences=task.tokenizer_sentences,
+                               character_coverage=task.tokenizer_character_coverage,
+                               byte_fallback=task.tokenizer_byte_fallback)
   if tok.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but ModelConfig.vocab_size={model_cfg.vocab_size}")
   return tok
