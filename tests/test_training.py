@@ -11,6 +11,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import gin
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from t_jax.config_utils import ConfigError, parse_gin
 from t_jax.models import ModelConfig, build_model
 from t_jax.training import (
     OptimizerConfig,
+    TaskConfig,
     TrainConfig,
     make_init,
     make_optimizer,
@@ -31,6 +33,8 @@ from t_jax.training import (
     token_losses,
     train,
 )
+from t_jax.training import checkpoint as ckpt
+from t_jax.training.tasks import check_compatible
 
 REPO = Path(__file__).resolve().parent.parent
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
@@ -252,6 +256,17 @@ def test_bad_config_fails_before_writing_anything(bindings, message, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("experiment", ["quickstart", "bert_mlm", "t5_span_corruption", "prefix_lm", "translation"])
+def test_full_size_experiment_configs_are_consistent(experiment):
+  if experiment == "translation" and not (MULTI30K / "train.en.gz").exists():
+    pytest.skip("Multi30k is not in ../shared")
+  parse_gin([f"experiments/{experiment}.gin"])
+  model_cfg, task = ModelConfig(), TaskConfig()
+  TrainConfig(), OptimizerConfig()
+  check_compatible(task, model_cfg)
+  assert (task.vocab_size or model_cfg.vocab_size) <= model_cfg.vocab_size
+
+
 def test_missing_gin_file_is_named():
   with pytest.raises(ConfigError, match="experiments/nope.gin"):
     parse_gin(["experiments/nope.gin"])
@@ -306,6 +321,18 @@ def test_sigterm_saves_and_exits_0(tmp_path):
   step = int(out.split("saved a checkpoint at step ")[1].split(";")[0])
   assert 1 <= step < 100000
   assert [int(s.name) for s in (tmp_path / "checkpoints").iterdir()] == [step]
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+  cfg = TrainConfig(keep_checkpoints=1, keep_best=1, async_checkpoints=False)
+  data_it = iter(grain.MapDataset.range(10).to_iter_dataset())
+  losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0}
+  with ckpt.make_manager(str(tmp_path), cfg) as manager:
+    for step, loss in losses.items():
+      next(data_it)
+      ckpt.save(manager, step, {"x": np.full(3, step)}, data_it, {"eval_loss": loss})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4]  # the best eval_loss and the latest
 
 
 def test_half_written_checkpoint_is_never_restored(tmp_path, capsys):

@@ -32,7 +32,7 @@ class TrainConfig:
   label_smoothing: float = 0.0
   z_loss: float = 0.0  # weight of log(Z)^2 (PaLM's z-loss)
   on_nonfinite: str = "skip"  # a non-finite loss/gradient: 'skip' the update (counted) or 'stop'
-  max_consecutive_nonfinite: int = 20  # with 'skip': stop after this many skipped steps in a row
+  max_consecutive_nonfinite: int = 20  # with 'skip': stop after this many skipped steps in a row (0: never)
   num_samples: int = 3  # LM continuations (or translations) printed at the end
   sample_prompt_len: int = 12
   sample_len: int = 40

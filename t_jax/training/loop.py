@@ -50,6 +50,8 @@ def setup_mesh(cfg: TrainConfig) -> tuple[Partitioner, int, int]:
   if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {shards} data shards "
                      f"(mesh data x fsdp) and {jax.process_count()} processes")
+  if jax.process_count() > 1 and cfg.eval_batches is None:
+    raise ValueError("TrainConfig.eval_batches=None (whole split) cannot keep processes in step; set a number")
   per_shard = cfg.batch_size // shards
   micro = cfg.per_device_batch_size or per_shard
   if per_shard % micro:
@@ -130,7 +132,7 @@ def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list, tokens: int,
   row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   for k in ("skipped_steps", "consecutive_skips"):  # counters: the latest value, not the mean
     row[k] = float(host[-1][k])
-  row["tokens_per_sec"] = tokens / max(seconds, 1e-9)
+  row["tokens_per_sec"] = tokens * jax.process_count() / max(seconds, 1e-9)  # every process reads as many
   writer.write(step, row)
   bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
   return row
@@ -244,7 +246,11 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
       if cfg.on_nonfinite == "stop":
         _check_finite(cfg, int(metrics["consecutive_skips"]), step)
       if step % cfg.log_every == 0 or step == cfg.num_steps:
+        skipped = summary.get("skipped_steps", 0)
         summary.update(_log(writer, bar, step, pending, tokens, t_log))
+        if summary["skipped_steps"] > skipped:
+          bar.write(f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
+                    f"loss or gradient ({int(summary['skipped_steps'])} in all)")
         _check_finite(cfg, int(summary["consecutive_skips"]), step)
         pending, tokens, t_log = [], 0, time.time()
       eval_metrics = None
@@ -260,8 +266,8 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
         bar.close()
         print(f"preempted: saved a checkpoint at step {step}; re-run the same command to resume")
         return {**summary, "step": step, "preempted": True}
-  bar.close()
-  return {**summary, **_finish(run, state, writer)}
+    bar.close()
+    return {**summary, **_finish(run, state, writer)}  # a signal now changes nothing: the run is ending
 
 
 def _finish(run: _Run, state: Any, writer: MetricWriter) -> dict:
