@@ -220,3 +220,17 @@ def test_config_errors_name_the_field():
     ModelConfig(num_heads=8, num_kv_heads=3)
   with pytest.raises(ValueError, match="position='rotary'"):
     ModelConfig(position="rotary")
+
+
+@pytest.mark.parametrize("preset_kw", [
+    dict(architecture="encoder_decoder", position="sinusoidal", scale_embeddings=True, pre_norm=False),
+    dict(architecture="decoder", init_std=0.02),
+])
+def test_initial_loss_is_near_uniform(preset_kw):
+  """At init the logits are small: cross-entropy is close to log(vocab) (not tens of nats)."""
+  cfg = tiny(vocab_size=512, d_model=64, head_dim=16, **preset_kw)
+  model, p = setup(cfg)
+  args = (ids(23), ids(24)) if cfg.architecture == "encoder_decoder" else (ids(23),)
+  logits = model.apply({"params": p}, *args)
+  loss = -jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+  assert abs(float(loss) - np.log(512)) < 1.5, float(loss)

@@ -84,6 +84,14 @@ class MLP(nn.Module):
     return dense(cfg, cfg.d_model, ("mlp", "embed"), "wo")(h)
 
 
+def embed_std(cfg: ModelConfig) -> float:
+  """Token-embedding init std: init_std if set; d_model**-0.5 when inputs are scaled by sqrt(d_model)
+  (Vaswani et al.: unit-scale inputs and tied logits); else 1.0 (T5)."""
+  if cfg.init_std is not None:
+    return cfg.init_std
+  return cfg.d_model ** -0.5 if cfg.scale_embeddings else 1.0
+
+
 class Embed(nn.Module):
   """Token embedding table [vocab, embed]; `attend` gives tied logits."""
 
@@ -91,7 +99,7 @@ class Embed(nn.Module):
 
   def setup(self) -> None:
     """Creates the table."""
-    init = nn.initializers.normal(self.cfg.init_std or 1.0)
+    init = nn.initializers.normal(embed_std(self.cfg))
     self.embedding = self.param("embedding", P(init, ("vocab", "embed")),
                                 (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
 
