@@ -84,7 +84,12 @@ class MultiHeadAttention(nn.Module):
     return self.get_variable("cache", "cross_k"), self.get_variable("cache", "cross_v"), None
 
   def _update_cache(self, k: Array, v: Array, positions: Array):
-    """Attend over (cache ++ new), then write the new entries into the ring buffer."""
+    """Attend over (cache ++ new), then write the new entries into the ring buffer.
+
+    The slot count is read from an existing cache, so callers may allocate any length (default:
+    cache_len, window or max_len). `index` is a scalar (lockstep) or a per-row [batch] write index,
+    which lets speculative decoding rewind rows by different amounts.
+    """
     cfg = self.cfg
     b, s = k.shape[:2]
     slots = self.cache_len or (cfg.window if cfg.window is not None else cfg.max_len)
@@ -92,14 +97,17 @@ class MultiHeadAttention(nn.Module):
     cv = self.variable("cache", "v", jnp.zeros, (b, slots) + v.shape[2:], v.dtype)
     cpos = self.variable("cache", "pos", lambda: jnp.full((b, slots), -1, jnp.int32))
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    slots = ck.value.shape[1]
     all_k = jnp.concatenate([ck.value, k], axis=1)
     all_v = jnp.concatenate([cv.value, v], axis=1)
     all_pos = jnp.concatenate([cpos.value, positions.astype(jnp.int32)], axis=1)
     keep = min(s, slots)  # only the newest `slots` entries can stay
-    where = (index.value + s - keep + jnp.arange(keep)) % slots
-    ck.value = ck.value.at[:, where].set(k[:, s - keep:])
-    cv.value = cv.value.at[:, where].set(v[:, s - keep:])
-    cpos.value = cpos.value.at[:, where].set(positions[:, s - keep:].astype(jnp.int32))
+    start = jnp.broadcast_to(index.value, (b,))[:, None]
+    where = (start + s - keep + jnp.arange(keep)) % slots  # [b, keep]
+    rows = jnp.arange(b)[:, None]
+    ck.value = ck.value.at[rows, where].set(k[:, s - keep:])
+    cv.value = cv.value.at[rows, where].set(v[:, s - keep:])
+    cpos.value = cpos.value.at[rows, where].set(positions[:, s - keep:].astype(jnp.int32))
     index.value = index.value + s
     return all_k, all_v, all_pos
 

@@ -1,0 +1,252 @@
+"""`generate`: validated requests -> one jitted prefill + while_loop decode (optionally under a Mesh)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t_jax.inference.runner import Runner
+from t_jax.inference.sampling import Sampler
+from t_jax.inference.search import beam_search, sample_loop
+from t_jax.inference.speculative import speculative_loop
+from t_jax.models import ModelConfig
+
+PyTree = Any
+METHODS = ("greedy", "sample", "beam", "speculative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything static about a request (the jit cache key)."""
+
+  method: str
+  target: Runner
+  draft: Optional[Runner]
+  sampler: Sampler
+  max_new_tokens: int
+  num_beams: int
+  length_penalty: float
+  num_draft: int
+  eos_id: Optional[int]
+  pad_id: int
+
+
+@functools.partial(jax.jit, static_argnames=("plan",))
+def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, lengths: jax.Array,
+            rng: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+  """The whole generation (prefill + loop) as one XLA program."""
+  common = dict(max_new_tokens=plan.max_new_tokens, eos_id=plan.eos_id, pad_id=plan.pad_id)
+  if plan.method == "beam":
+    return beam_search(plan.target, params, ids, lengths, num_beams=plan.num_beams, alpha=plan.length_penalty,
+                       **common)
+  if plan.method == "speculative":
+    return speculative_loop(plan.target, plan.draft, params, draft_params, ids, lengths, rng,
+                            sampler=plan.sampler, num_draft=plan.num_draft, **common)
+  return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, **common)
+
+
+def _config(model_or_cfg: Any) -> ModelConfig:
+  cfg = model_or_cfg if isinstance(model_or_cfg, ModelConfig) else getattr(model_or_cfg, "cfg", None)
+  if not isinstance(cfg, ModelConfig):
+    raise ValueError(f"expected a ModelConfig or a t_jax model, got {type(model_or_cfg).__name__}")
+  if cfg.architecture == "encoder":
+    raise ValueError("encoder-only models do not generate; use a decoder, prefix_lm or encoder_decoder model")
+  return cfg
+
+
+def _rows(prompt_tokens: Any, pad_id: int) -> list[list[int]]:
+  """Prompts as lists of ints. Arrays are padded with pad_id on either side (pad_id never inside)."""
+  if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompt_tokens)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"prompt array must be integer [batch, length], got {arr.dtype} {arr.shape}")
+    rows = []
+    for r in arr:
+      real = np.flatnonzero(r != pad_id)
+      if real.size and real.size != real[-1] - real[0] + 1:
+        raise ValueError(f"pad_id={pad_id} inside a prompt row; pass prompts as lists of token ids instead")
+      rows.append(r[real].tolist())
+    return rows
+  if not isinstance(prompt_tokens, Sequence) or isinstance(prompt_tokens, str):
+    raise ValueError(f"prompt_tokens must be token ids (list of lists or an array), got {type(prompt_tokens)}")
+  if prompt_tokens and all(isinstance(t, (int, np.integer)) for t in prompt_tokens):
+    prompt_tokens = [prompt_tokens]
+  return [[int(t) for t in row] for row in prompt_tokens]
+
+
+def _check_sampling(method: str, temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
+                    vocab: int) -> Sampler:
+  """The Sampler for a method, rejecting parameters that make no sense for it."""
+  if method in ("greedy", "beam"):
+    if temperature is not None or top_k is not None or top_p is not None:
+      raise ValueError(f"method={method!r} is deterministic: temperature/top_k/top_p only apply to "
+                       "'sample' and 'speculative'")
+    return Sampler()
+  if method == "sample" and temperature is None:
+    temperature = 1.0
+  temperature = 0.0 if temperature is None else float(temperature)
+  if temperature < 0 or (method == "sample" and temperature == 0):
+    raise ValueError(f"temperature must be > 0 for sampling (use method='greedy' for argmax), got {temperature}")
+  if temperature == 0 and (top_k is not None or top_p is not None):
+    raise ValueError("greedy speculative decoding (temperature 0/None) takes no top_k/top_p")
+  if top_k is not None and not 1 <= top_k <= vocab:
+    raise ValueError(f"top_k must be in [1, vocab_size={vocab}], got {top_k}")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  return Sampler(temperature, top_k, top_p)
+
+
+def _slots(cfg: ModelConfig, fed: int, extra: int, cache_len: Optional[int]) -> int:
+  """Self-attention cache slots for `fed` tokens (+ `extra` speculative overrun); a window bounds it."""
+  need = fed + extra
+  if cfg.window is not None:
+    need = min(need, cfg.window + extra)
+  if cache_len is None:
+    return need
+  if cache_len < need:
+    raise ValueError(f"cache_len={cache_len} is too small: this request needs {need} cache slots")
+  return cache_len
+
+
+def _check_context(cfg: ModelConfig, rows: list[list[int]], max_new_tokens: int, what: str) -> None:
+  """Prompt and output must fit max_len, except that sliding-window models without learned positions run on."""
+  longest = max(len(r) for r in rows)
+  if cfg.architecture == "encoder_decoder":
+    if longest > cfg.max_len:
+      raise ValueError(f"{what}: source of {longest} tokens is longer than the context max_len={cfg.max_len}")
+    used, label = max_new_tokens, "max_new_tokens"
+  else:
+    used, label = longest + max_new_tokens, f"prompt ({longest} tokens) + max_new_tokens"
+  bounded = cfg.window is None or cfg.position == "learned"
+  if bounded and used > cfg.max_len:
+    raise ValueError(f"{what}: {label} = {used} exceeds the context max_len={cfg.max_len}")
+
+
+def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: str, *,
+            temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+            num_beams: Optional[int] = None, length_penalty: Optional[float] = None,
+            eos_id: Optional[int] = None, pad_id: int = 0, decoder_start_id: int = 0, draft: Any = None,
+            num_draft_tokens: int = 4, cache_len: Optional[int] = None,
+            pad_multiple: int = 1) -> tuple[Plan, np.ndarray, np.ndarray]:
+  """Validates a request: (plan, padded prompt ids [batch, width], prompt lengths [batch])."""
+  cfg = _config(model_or_cfg)
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  rows = _rows(prompt_tokens, pad_id)
+  if not rows or any(len(r) == 0 for r in rows):
+    raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS id)")
+  for name, tok in (("token", min(min(r) for r in rows)), ("token", max(max(r) for r in rows)),
+                    ("eos_id", eos_id), ("pad_id", pad_id), ("decoder_start_id", decoder_start_id)):
+    if tok is not None and not 0 <= tok < cfg.vocab_size:
+      raise ValueError(f"{name} {tok} is outside the vocabulary [0, {cfg.vocab_size})")
+  sampler = _check_sampling(method, temperature, top_k, top_p, cfg.vocab_size)
+  if method != "beam" and (num_beams not in (None, 1) or length_penalty is not None):
+    raise ValueError(f"num_beams/length_penalty only apply to method='beam', not {method!r}")
+  num_beams = 4 if num_beams is None else int(num_beams)
+  if num_beams < 1:
+    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  if (method == "speculative") != (draft is not None):
+    raise ValueError("method='speculative' needs draft=(draft_model_or_cfg, draft_params), and only it takes one")
+  if method == "speculative" and num_draft_tokens < 1:
+    raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+  if pad_multiple < 1:
+    raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+  _check_context(cfg, rows, max_new_tokens, "target")
+  width = -(-max(len(r) for r in rows) // pad_multiple) * pad_multiple
+  seq2seq = cfg.architecture == "encoder_decoder"
+  fed = (1 if seq2seq else width) + max_new_tokens
+  extra = num_draft_tokens + 1 if method == "speculative" else 0
+  target = Runner(cfg, _slots(cfg, fed, extra, cache_len), decoder_start_id)
+  draft_runner = None
+  if draft is not None:
+    dcfg = _config(draft[0])
+    if dcfg.vocab_size != cfg.vocab_size or (dcfg.architecture == "encoder_decoder") != seq2seq:
+      raise ValueError(f"draft model must share the target's vocabulary ({cfg.vocab_size}) and encoder-decoder "
+                       f"layout; got vocab {dcfg.vocab_size}, architecture {dcfg.architecture!r}")
+    _check_context(dcfg, rows, max_new_tokens, "draft")
+    draft_runner = Runner(dcfg, _slots(dcfg, fed, extra, None), decoder_start_id)
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    if seq2seq:
+      ids[i, :len(r)] = r
+    else:
+      ids[i, width - len(r):] = r
+  lengths = np.asarray([len(r) for r in rows], np.int32)
+  plan = Plan(method, target, draft_runner, sampler, int(max_new_tokens), num_beams,
+              0.6 if length_penalty is None else float(length_penalty), int(num_draft_tokens), eos_id, pad_id)
+  return plan, ids, lengths
+
+
+def _finish(outputs: tuple, batch: int, return_scores: bool, return_stats: bool) -> Any:
+  tokens, scores, stats = outputs
+  tokens, scores = np.asarray(tokens)[:batch], np.asarray(scores)[:batch]
+  stats = {k: np.asarray(v) for k, v in stats.items()}
+  if "drafted" in stats:
+    stats["acceptance_rate"] = float(stats["accepted"]) / max(1, int(stats["drafted"]))
+  out = (tokens,) + ((scores,) if return_scores else ()) + ((stats,) if return_stats else ())
+  return out[0] if len(out) == 1 else out
+
+
+def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
+             method: str = "greedy", *, seed: int = 0, return_scores: bool = False, return_stats: bool = False,
+             **options: Any) -> Any:
+  """Generates up to max_new_tokens per prompt; returns token ids [batch, max_new_tokens] (numpy).
+
+  prompt_tokens: a list of token-id lists (or one list), or a padded integer array (pad_id stripped).
+  Decoder-only / prefix-LM models continue the prompt (a prefix-LM prompt is its bidirectional
+  prefix); encoder-decoder models translate it, the decoder starting from decoder_start_id.
+  method: 'greedy' | 'sample' (temperature, top_k, top_p) | 'beam' (num_beams, length_penalty = GNMT
+  alpha, default 4 beams, 0.6) | 'speculative' (draft=(draft_model_or_cfg, draft_params),
+  num_draft_tokens; temperature None/0 = greedy, > 0 = sampling with top_k/top_p).
+  Rows end with eos_id (None: never); later slots hold pad_id. Also: cache_len, pad_multiple
+  (prompt width rounding, fewer recompilations). return_scores adds per-row scores (raw log-prob
+  sum; beam: length-penalised score); return_stats adds a dict (steps, speculative acceptance).
+  """
+  plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
+  draft_params = None if plan.draft is None else _unbox(options["draft"][1])
+  out = _decode(plan, _unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(lengths),
+                jax.random.key(seed))
+  return _finish(out, len(lengths), return_scores, return_stats)
+
+
+def generate_sharded(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
+                     method: str = "greedy", *, mesh: Mesh, param_shardings: PyTree,
+                     batch_axis: Optional[str | tuple[str, ...]] = "data", seed: int = 0,
+                     return_scores: bool = False, return_stats: bool = False, **options: Any) -> Any:
+  """`generate` under a Mesh: parameters placed with param_shardings (Shardings or PartitionSpecs),
+  the batch split over `batch_axis` (None = replicated; the batch is padded to a multiple of it),
+  draft parameters replicated. Same results as `generate`."""
+  plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
+  batch = len(lengths)
+  shards = 1 if batch_axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(batch_axis)]))
+  extra = -batch % shards
+  ids = np.concatenate([ids, np.repeat(ids[-1:], extra, axis=0)])
+  lengths = np.concatenate([lengths, np.repeat(lengths[-1:], extra)])
+  as_sharding = lambda s: NamedSharding(mesh, s) if isinstance(s, PartitionSpec) else s
+  shardings = jax.tree_util.tree_map(as_sharding, param_shardings,
+                                     is_leaf=lambda x: isinstance(x, PartitionSpec))
+  params = jax.device_put(_unbox(params), shardings)
+  rows = NamedSharding(mesh, PartitionSpec(batch_axis))
+  draft_params = None
+  if plan.draft is not None:
+    draft_params = jax.device_put(_unbox(options["draft"][1]), NamedSharding(mesh, PartitionSpec()))
+  with jax.set_mesh(mesh):
+    out = _decode(plan, params, draft_params, jax.device_put(ids, rows), jax.device_put(lengths, rows),
+                  jax.random.key(seed))
+  return _finish(out, batch, return_scores, return_stats)
+
+
+def _unbox(params: PyTree) -> PyTree:
+  return nn.meta.unbox(params)

@@ -1,0 +1,117 @@
+"""One model behind a uniform prefill / step interface (decoder-only, prefix-LM, encoder-decoder)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from t_jax.inference import cache as cache_lib
+from t_jax.models import ModelConfig, build_model
+
+Array = jax.Array
+PyTree = Any
+State = dict  # {"cache": ..., "enc_mask": [batch, src] (encoder-decoder only)}
+
+
+def left_pad_positions(lengths: Array, width: int) -> Array:
+  """Positions of left-padded rows: -1 on padding, then 0..length-1, shape [batch, width]."""
+  pos = jnp.arange(width, dtype=jnp.int32)[None, :] - (width - lengths[:, None])
+  return jnp.where(pos < 0, -1, pos).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  """`prefill` runs a prompt in one parallel pass; `step` feeds new tokens against the KV cache.
+
+  Decoder-only prompts are LEFT-padded (the last column is every row's last prompt token);
+  encoder-decoder sources are RIGHT-padded and the decoder starts from `start_id`.
+  `slots` is the self-attention cache length (a ring buffer for sliding-window models).
+  """
+
+  cfg: ModelConfig
+  slots: int
+  start_id: int = 0
+
+  @property
+  def model(self) -> Any:
+    """The decode-mode Flax module."""
+    return build_model(self.cfg, decode=True)
+
+  @property
+  def seq2seq(self) -> bool:
+    """Whether prompts are encoder inputs."""
+    return self.cfg.architecture == "encoder_decoder"
+
+  def _clip(self, positions: Array) -> Array:
+    """Learned tables have max_len rows; overrun tokens are only ever speculative drafts past the end."""
+    if self.cfg.position != "learned":
+      return positions
+    return jnp.where(positions >= 0, jnp.minimum(positions, self.cfg.max_len - 1), positions)
+
+  def prefill(self, params: PyTree, ids: Array, lengths: Array) -> tuple[Array, State, Array]:
+    """(next-token logits [batch, vocab], state, position of the next fed token [batch])."""
+    if self.seq2seq:
+      return self._prefill_seq2seq(params, ids, lengths)
+    model, b = self.model, ids.shape[0]
+    pos = self._clip(left_pad_positions(lengths, ids.shape[1]))
+    prefix = lengths if self.cfg.architecture == "prefix_lm" else None
+    # Causal models cache all but the last token (their unused logits are compiled away), then feed
+    # it alone: no [batch, prompt, vocab] logits. A prefix-LM prompt must be one bidirectional pass.
+    split = prefix is None and ids.shape[1] > 1
+    head, head_pos = (ids[:, :-1], pos[:, :-1]) if split else (ids, pos)
+
+    def run(p: PyTree, cache: PyTree | None) -> tuple[Array, PyTree]:
+      variables = {"params": p} if cache is None else {"params": p, "cache": cache}
+      logits, out = model.apply(variables, head, positions=head_pos, prefix_len=prefix, mutable=["cache"])
+      return logits, out["cache"]
+
+    shapes = jax.eval_shape(lambda p: run(p, None)[1], params)
+    logits, cache = run(params, cache_lib.allocate(shapes, b, self.slots))
+    state = {"cache": cache}
+    if split:
+      logits, state = self.step(params, state, ids[:, -1:], pos[:, -1:])
+    return logits[:, -1], state, lengths.astype(jnp.int32)
+
+  def _prefill_seq2seq(self, params: PyTree, src: Array, lengths: Array) -> tuple[Array, State, Array]:
+    model, b = self.model, src.shape[0]
+    mask = (jnp.arange(src.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+    encoded = model.apply({"params": params}, src, encoder_padding_mask=mask, method="encode")
+    start = jnp.full((b, 1), self.start_id, jnp.int32)
+    zero = jnp.zeros((b, 1), jnp.int32)
+
+    def run(p: PyTree, enc: Array, cache: PyTree | None) -> tuple[Array, PyTree]:
+      variables = {"params": p} if cache is None else {"params": p, "cache": cache}
+      logits, out = model.apply(variables, enc, start, encoder_padding_mask=mask, decoder_positions=zero,
+                                method="decode", mutable=["cache"])
+      return logits, out["cache"]
+
+    shapes = jax.eval_shape(lambda p, e: run(p, e, None)[1], params, encoded)
+    logits, cache = run(params, encoded, cache_lib.allocate(shapes, b, self.slots))
+    return logits[:, -1], {"cache": cache, "enc_mask": mask}, jnp.ones((b,), jnp.int32)
+
+  def step(self, params: PyTree, state: State, tokens: Array, positions: Array) -> tuple[Array, State]:
+    """Feeds tokens [batch, t] at positions [batch, t]: (logits [batch, t, vocab], new state)."""
+    variables = {"params": params, "cache": state["cache"]}
+    pos = self._clip(positions.astype(jnp.int32))
+    if self.seq2seq:
+      logits, out = self.model.apply(variables, None, tokens, encoder_padding_mask=state["enc_mask"],
+                                     decoder_positions=pos, method="decode", mutable=["cache"])
+    else:
+      logits, out = self.model.apply(variables, tokens, positions=pos, mutable=["cache"])
+    return logits, dict(state, cache=out["cache"])
+
+
+def repeat_state(state: State, n: int) -> State:
+  """Every row repeated n times in a row (beams share one prefill)."""
+  out = dict(state, cache=cache_lib.repeat(state["cache"], n))
+  if "enc_mask" in state:
+    out["enc_mask"] = jnp.repeat(state["enc_mask"], n, axis=0)
+  return out
+
+
+def gather_state(state: State, rows: Array) -> State:
+  """Rows reordered by flat batch indices (beam parents); encoder masks agree within a beam group."""
+  return dict(state, cache=cache_lib.gather(state["cache"], rows))
