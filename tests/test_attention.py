@@ -7,49 +7,7 @@ import pytest
 
 import t_jax
 from t_jax.attention import make_mask
-
-
-def np_mask(b, sq, sk, causal=False, qseg=None, kseg=None, prefix=None, window=None):
-  """Mask built element by element from the documented rules (independent of make_mask)."""
-  m = np.ones((b, sq, sk), bool)
-  for bi in range(b):
-    for i in range(sq):
-      for j in range(sk):
-        ok = True
-        if causal:
-          ok &= j <= i or (prefix is not None and j < np.broadcast_to(prefix, (b,))[bi])
-        if window is not None:
-          ok &= abs(i - j) < window
-        if qseg is not None:
-          ok &= qseg[bi, i] == kseg[bi, j]
-        m[bi, i, j] = ok
-  return m
-
-
-def np_attention(q, k, v, mask, bias, scale, dout):
-  """Forward and analytic backward of masked softmax attention in float64 (GQA by repetition)."""
-  q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
-  g = q.shape[2] // k.shape[2]
-  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  if bias is not None:
-    s = s + np.asarray(bias, np.float64)
-  m = mask[:, None]
-  s = np.where(m, s, -np.inf)
-  mx = np.max(s, -1, keepdims=True)
-  mx = np.where(np.isfinite(mx), mx, 0)
-  p = np.where(m, np.exp(s - mx), 0)
-  den = p.sum(-1, keepdims=True)
-  p = p / np.where(den == 0, 1, den)
-  out = np.einsum("bhqk,bkhd->bqhd", p, v)
-  dp = np.einsum("bqhd,bkhd->bhqk", dout, v)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  dq = np.einsum("bhqk,bkhd->bqhd", ds, k) * scale
-  dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-  dv = np.einsum("bhqk,bqhd->bkhd", p, dout)
-  fold = lambda x: x.reshape(x.shape[0], x.shape[1], -1, g, x.shape[3]).sum(3)
-  return out, dq, fold(dk), fold(dv)
-
+from tests.attention_reference import np_attention, np_mask
 
 CASES = {
     "none": dict(),
@@ -82,7 +40,8 @@ def test_xla_matches_float64_reference(case, heads, kv_heads):
   kw = dict(causal=spec.get("causal", False), q_segment_ids=qseg, kv_segment_ids=kseg,
             prefix_len=spec.get("prefix"), window=spec.get("window"), scale=scale, implementation="xla")
   mask = np_mask(b, s, s, kw["causal"], qseg, kseg, spec.get("prefix"), spec.get("window"))
-  want = np_attention(q, k, v, mask, bias, scale, dout)
+  out_ref, (dq, dk, dv, _) = np_attention(q, k, v, mask, bias, scale, dout)
+  want = (out_ref, dq, dk, dv)
 
   def f(q, k, v):
     return jnp.sum(t_jax.attention(q, k, v, bias=bias, **kw) * dout)

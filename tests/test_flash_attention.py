@@ -15,6 +15,7 @@ import pytest
 from t_jax.attention import attention, make_mask, xla_attention
 from t_jax.kernels import flash_attention, supports
 from t_jax.kernels._blocks import Config, kv_range, q_range
+from tests.attention_reference import np_attention, np_mask
 
 # Tolerances, as max |error| / max(1, max |reference|): f32 is exact f32 math up to summation order;
 # bf16 rounds the output and the p / ds tiles fed to the matmuls (as FlashAttention does) to 8 bits.
@@ -22,48 +23,6 @@ TOL = {jnp.float32: dict(out=2e-5, grad=1e-4), jnp.bfloat16: dict(out=2e-2, grad
 
 
 # --------------------------------------------------------------------------------------- references
-
-
-def np_mask(b, sq, sk, causal=False, qseg=None, kseg=None, prefix=None, window=None):
-  """[b, sq, sk] mask from the documented rules, element by element (independent of make_mask)."""
-  prefix = None if prefix is None else np.broadcast_to(np.asarray(prefix), (b,))
-  m = np.ones((b, sq, sk), bool)
-  for bi in range(b):
-    for i in range(sq):
-      for j in range(sk):
-        ok = True
-        if causal:
-          ok &= j <= i or (prefix is not None and j < prefix[bi])
-        if window is not None:
-          ok &= abs(i - j) < window
-        if qseg is not None:
-          ok &= qseg[bi, i] == kseg[bi, j]
-        m[bi, i, j] = ok
-  return m
-
-
-def np_attention(q, k, v, mask, bias, scale, dout):
-  """Output and (dq, dk, dv, dlogits) of masked softmax attention in float64; GQA by repetition."""
-  q, k, v, dout = (np.asarray(x, np.float64) for x in (q, k, v, dout))
-  g = q.shape[2] // k.shape[2]
-  kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
-  if bias is not None:
-    s = s + np.asarray(bias, np.float64)
-  m = np.broadcast_to(mask[:, None], s.shape)
-  s = np.where(m, s, -np.inf)
-  mx = np.max(s, -1, keepdims=True)
-  p = np.where(m, np.exp(s - np.where(np.isfinite(mx), mx, 0)), 0)
-  den = p.sum(-1, keepdims=True)
-  p = p / np.where(den == 0, 1, den)
-  out = np.einsum("bhqk,bkhd->bqhd", p, vr)
-  dp = np.einsum("bqhd,bkhd->bhqk", dout, vr)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
-  fold = lambda x: x.reshape(x.shape[0], x.shape[1], -1, g, x.shape[3]).sum(3)
-  dk = fold(np.einsum("bhqk,bqhd->bkhd", ds, q) * scale)
-  dv = fold(np.einsum("bhqk,bqhd->bkhd", p, dout))
-  return out, (dq, dk, dv, ds)
 
 
 def rel_err(x, ref):
