@@ -306,6 +306,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   assert resumed.returncode == 0, out
   assert "resuming from step" in out
   _assert_identical(_state_leaves(tmp_path / "a", 40), _state_leaves(tmp_path / "b", 40))
+  # metrics.jsonl reads as one uninterrupted run: steps replayed after the kill are not logged twice.
+  steps = lambda d: [row["step"] for row in _rows(d) if "loss" in row]
+  assert steps(tmp_path / "b") == steps(tmp_path / "a") == sorted(set(steps(tmp_path / "a")))
 
 
 def test_sigterm_saves_and_exits_0(tmp_path):
@@ -392,3 +395,26 @@ def test_load_round_trip_and_init_from(tmp_path):
   with pytest.raises(ValueError, match="does not match the configured ModelConfig"):
     _train(tmp_path / "bad", "quickstart_tiny", f"TrainConfig.init_from = '{conv}'", "ModelConfig.mlp_dim = 48",
            *tiny_lr)
+
+
+def test_metric_writer_drops_rows_past_the_restored_step(tmp_path, monkeypatch):
+  from t_jax.training.metrics import MetricWriter
+  monkeypatch.setattr("tensorboardX.SummaryWriter", lambda *a, **k: type("TB", (), {
+      "add_scalar": lambda *a: None, "flush": lambda *a: None, "close": lambda *a: None})())
+  w = MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    w.write(step, {"loss": step})
+  w.close()
+  w = MetricWriter(str(tmp_path), start_step=3)
+  w.write(4, {"loss": 40.0})
+  w.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_log_prints_on_process_0_only(monkeypatch, capsys):
+  from t_jax.training import metrics
+  metrics.log("hello from 0")
+  monkeypatch.setattr(metrics.jax, "process_index", lambda: 1)
+  metrics.log("hello from 1")
+  assert capsys.readouterr().out == "hello from 0\n"

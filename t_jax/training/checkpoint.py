@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t_jax.training.config import TrainConfig
+from t_jax.training.metrics import log
 
 PyTree = Any
 
@@ -25,7 +26,7 @@ def make_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.isdir(directory):
     for tmp in sorted(ocp.path.step.tmp_checkpoints(directory)):
-      print(f"checkpoints: ignoring incomplete checkpoint {tmp} (its save was interrupted); deleting it")
+      log(f"checkpoints: ignoring incomplete checkpoint {tmp} (its save was interrupted); deleting it")
   keep: list = [policies.LatestN(cfg.keep_checkpoints)]
   if cfg.keep_best:
     keep.append(policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=cfg.keep_best,
@@ -59,7 +60,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, data_iter: An
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"checkpoint {manager.directory / str(step)} does not fit the configured run "
                      f"(optimizer changed?): {e}") from e
-  print(f"checkpoints: resuming from step {step} ({manager.directory / str(step)})")
+  log(f"checkpoints: resuming from step {step} ({manager.directory / str(step)})")
   return restored["state"]
 
 

@@ -29,7 +29,7 @@ from t_jax.sharding import Partitioner
 from t_jax.training import checkpoint as ckpt
 from t_jax.training import sample
 from t_jax.training.config import OptimizerConfig, TrainConfig
-from t_jax.training.metrics import MetricWriter
+from t_jax.training.metrics import MetricWriter, log
 from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_eval_step, make_init, make_train_step
 from t_jax.training.tasks import (
@@ -93,7 +93,7 @@ def write_config(workdir: str) -> None:
     while os.path.exists(f"{path}.{n}"):
       n += 1
     os.replace(path, f"{path}.{n}")
-    print(f"config changed since the last run; previous config kept as {path}.{n}")
+    log(f"config changed since the last run; previous config kept as {path}.{n}")
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)
@@ -209,8 +209,8 @@ def train(workdir: str) -> dict:
     state, _ = partitioner.init(init, key)
     if cfg.init_from is not None:
       state["params"] = _init_params(cfg.init_from, target["params"])
-      print(f"initialised parameters from {cfg.init_from}")
-  print(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
+      log(f"initialised parameters from {cfg.init_from}")
+  log(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
         f"parameters; objective {type(task.objective).__name__}; vocab {tok.vocab_size}; devices "
         f"{jax.device_count()}; batch {cfg.batch_size} ({accum} microbatches); workdir {workdir}")
 
@@ -223,7 +223,7 @@ def train(workdir: str) -> dict:
                       out_shardings=partitioner.replicated)
     run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn, local_batch,
                model_cfg.vocab_size)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=int(state["step"]))
     try:
       return _loop(run, state, writer)
     finally:
@@ -264,7 +264,7 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
       if _preempted(stop, run.manager, step):
         ckpt.save(run.manager, step, state, run.data_it)
         bar.close()
-        print(f"preempted: saved a checkpoint at step {step}; re-run the same command to resume")
+        log(f"preempted: saved a checkpoint at step {step}; re-run the same command to resume")
         return {**summary, "step": step, "preempted": True}
     bar.close()
     return {**summary, **_finish(run, state, writer)}  # a signal now changes nothing: the run is ending
@@ -284,13 +284,13 @@ def _finish(run: _Run, state: Any, writer: MetricWriter) -> dict:
       out["unigram_perplexity"] = math.exp(sample.unigram_loss(train_counts, eval_counts))
       eval_metrics = {**eval_metrics, "unigram_perplexity": out["unigram_perplexity"]}
     writer.write(step, eval_metrics)
-    print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+    log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
     if "unigram_perplexity" in out:
-      print(f"validation perplexity {out['eval_perplexity']:.2f} vs unigram baseline "
+      log(f"validation perplexity {out['eval_perplexity']:.2f} vs unigram baseline "
             f"{out['unigram_perplexity']:.2f}")
   ckpt.save(run.manager, step, state, run.data_it, eval_metrics and {"eval_loss": eval_metrics["eval_loss"]})
   out["samples"] = _samples(run.cfg, run.task, run.model, state["params"], run.tok)
   for prompt, text in out["samples"]:
-    print(f"sample: {prompt!r} -> {text!r}")
-  print(f"checkpoint: {run.manager.directory / str(step)}")
+    log(f"sample: {prompt!r} -> {text!r}")
+  log(f"checkpoint: {run.manager.directory / str(step)}")
   return out

@@ -12,11 +12,13 @@ import numpy as np
 class MetricWriter:
   """Appends rows to metrics.jsonl and scalars to TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str) -> None:
-    """Opens both sinks in append mode, so a resumed run keeps what was written before."""
+  def __init__(self, workdir: str, start_step: int = 0) -> None:
+    """Opens both sinks in append mode; rows past `start_step` (from before a crash) are dropped first."""
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_after(path, start_step)
+      self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
       from tensorboardX import SummaryWriter  # imported here: it pulls in torch when installed
 
       self._tb = SummaryWriter(workdir)
@@ -38,3 +40,22 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the rows with row['step'] <= step, so a resumed run does not log its replayed steps twice."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def log(message: str) -> None:
+  """Prints on process 0 only (every process runs the same loop in a multi-host job)."""
+  if jax.process_index() == 0:
+    print(message)
