@@ -138,12 +138,10 @@ def _extra_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_s
   return args + ([prefix] if cfg.has_prefix else [])
 
 
-def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
-            kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
-  """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq] (f32; +inf on fully masked rows)."""
-  b, sq, h, d = q.shape
-  sk, g, bq = k.shape[1], cfg.group, cfg.block_q
-  in_specs = _common_specs(
+def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
+  """Inputs of a kernel with one program per (q block, batch, head): q, k/v, bias, segments, prefix."""
+  g = cfg.group
+  return _common_specs(
       cfg,
       pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
       pl.BlockSpec((None, sk, None, d), lambda i, b, h: (b, 0, idiv(h, g), 0)),
@@ -151,6 +149,14 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
       pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
       pl.BlockSpec((None,), lambda i, b, h: (b,)))
+
+
+def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
+            kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
+  """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq] (f32; +inf on fully masked rows)."""
+  b, sq, h, d = q.shape
+  sk, bq = k.shape[1], cfg.block_q
+  in_specs = _q_block_specs(cfg, bq, sk, d)
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
   return pl.pallas_call(
@@ -289,14 +295,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(q, k, v, *extra, do, lse, delta)
 
   # dq (and the logits gradient for dbias): one program per (q block, batch, head).
-  in_specs = _common_specs(
-      cfg,
-      pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, sk, None, d), lambda i, b, h: (b, 0, idiv(h, g), 0)),
-      pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*_bias_index(cfg, b, h), i, 0)),
-      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-      pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
-      pl.BlockSpec((None,), lambda i, b, h: (b,)))
+  in_specs = _q_block_specs(cfg, bq, sk, d)
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
