@@ -100,14 +100,8 @@ def write_config(workdir: str) -> None:
 
 
 def _init_params(directory: str, target: Any) -> Any:
-  """Params of a converted workdir (DIR/config.gin + DIR/params/), placed like `target`."""
-  try:
-    from t_jax.convert.workdir import read_params_workdir
-  except ImportError:
-    return ckpt.read_params(os.path.join(directory, "params"), target)
-  _, params = read_params_workdir(directory)
-  ckpt.check_params(params, target, directory)
-  return jax.tree.map(lambda x, t: jax.device_put(np.asarray(x, t.dtype), t.sharding), params, target)
+  """Params of a converted workdir (DIR/config.gin + DIR/params/), restored straight into target's shardings."""
+  return ckpt.read_params(os.path.join(directory, "params"), target)
 
 
 def evaluate(eval_fn: Any, params: Any, task: TaskConfig, tok: Tokenizer, batch_size: int,
