@@ -15,10 +15,11 @@ Array = jnp.ndarray
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 
 
-def _check_shapes(q: Array, k: Array, v: Array) -> None:
+def check_shapes(q: Array, k: Array, v: Array) -> None:
+  """ValueError unless q [b, sq, h, d], k [b, sk, hkv, d], v [b, sk, hkv, dv] with h % hkv == 0."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-  if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+  if k.shape[:3] != v.shape[:3]:
     raise ValueError(f"k and v must agree in batch, seq and heads; got {k.shape}, {v.shape}")
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
     raise ValueError(f"q and k must agree in batch and head_dim; got {q.shape}, {k.shape}")
@@ -62,7 +63,7 @@ def attention(
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
-  _check_shapes(q, k, v)
+  check_shapes(q, k, v)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   masks = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                prefix_len=prefix_len, window=window)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t_jax.attention.api import check_shapes
 from t_jax.kernels import _triton
 from t_jax.kernels._blocks import Config
 
@@ -70,12 +71,9 @@ def _bias_shape(bias: Array, b: int, h: int, sq: int, sk: int) -> tuple[int, ...
 def _check(q: Array, k: Array, v: Array, bias: Optional[Array], causal: bool, q_segment_ids: Optional[Array],
            kv_segment_ids: Optional[Array], prefix_len: Optional[Array | int], window: Optional[int]) -> None:
   """Raises ValueError (bad arguments) or NotImplementedError (valid but unsupported by the kernels)."""
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"incompatible q, k, v shapes {q.shape}, {k.shape}, {v.shape}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+  check_shapes(q, k, v)
+  if k.shape != v.shape:
+    raise ValueError(f"the kernels need k and v of one shape; got {k.shape}, {v.shape}")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
     raise NotImplementedError(f"flash attention needs q, k, v of one dtype among f32/bf16/f16; got "
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
