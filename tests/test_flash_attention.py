@@ -14,7 +14,7 @@ import pytest
 
 from t_jax.attention import attention, make_mask, xla_attention
 from t_jax.kernels import flash_attention, supports
-from t_jax.kernels._blocks import Config, kv_range, q_range
+from t_jax.kernels._blocks import Config, kv_range, q_range, segment_bounds
 from tests.attention_reference import np_attention, np_mask
 
 # Tolerances, as max |error| / max(1, max |reference|): f32 is exact f32 math up to summation order;
@@ -142,6 +142,43 @@ def test_block_ranges_match_brute_force(sq, sk, bq, bk):
         assert full[r, flo[r]:fhi[r]].all(), f"{rng_fn.__name__}: a 'full' block needs the mask"
 
 
+@pytest.mark.parametrize("ids", ["packed", "packed_padding", "unsorted"])
+def test_segment_block_ranges(ids):
+  """With segment ids, kv_range / q_range (given `segment_bounds`) never skip a block with a visible entry,
+  'full' blocks are fully visible, and packed (increasing) ids skip exactly the blocks they mask."""
+  rng = np.random.default_rng(0)
+  b, sq, sk, bq, bk = 3, 96, 96, 16, 8
+  if ids == "unsorted":
+    seg = rng.integers(0, 3, (b, sq)).astype(np.int32)
+    seg[0, 40:] = 5                        # a long single-segment run gives 'full' blocks
+  else:
+    seg = packed_segments(rng, b, sq, pad=13 if ids == "packed_padding" else 0)
+  skipped = unmasked = 0
+  for causal, window, prefix in [(False, None, None), (True, None, None), (True, 20, None), (True, None, 30)]:
+    cfg = _cfg(sq, sk, bq, bk, causal, window, prefix, segments=True)
+    m = np_mask(b, sq, sk, causal=causal, window=window, prefix=prefix, qseg=seg, kseg=seg)
+    tiles = m.reshape(b, sq // bq, bq, sk // bk, bk)
+    pfx = None if prefix is None else jnp.int32(prefix)
+    for rng_fn, vis, full, bounds in [
+        (kv_range, tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4)), segment_bounds(seg, seg, sq, sk, bq, bk)),
+        (q_range, tiles.any(axis=(2, 4)).transpose(0, 2, 1), tiles.all(axis=(2, 4)).transpose(0, 2, 1),
+         segment_bounds(seg, seg, sk, sq, bk, bq))]:
+      for bi in range(b):
+        idx = jnp.arange(vis.shape[1])
+        lo, flo, fhi, hi = (np.asarray(x) for x in rng_fn(cfg, idx, bq, bk, pfx, tuple(bounds[bi].T)))
+        for r in range(len(idx)):
+          visited = np.zeros(vis.shape[2], bool)
+          visited[lo[r]:hi[r]] = True
+          assert lo[r] <= flo[r] <= fhi[r] <= hi[r]
+          assert not (vis[bi, r] & ~visited).any(), f"{rng_fn.__name__} skipped a visible block ({ids})"
+          assert full[bi, r, flo[r]:fhi[r]].all(), f"{rng_fn.__name__}: a 'full' block needs the mask"
+          if ids != "unsorted" and not causal and window is None:
+            np.testing.assert_array_equal(visited, vis[bi, r])
+          skipped += int((~visited).sum())
+          unmasked += int(fhi[r] - flo[r])
+  assert skipped > 0 and unmasked > 0, (skipped, unmasked)
+
+
 # ------------------------------------------------------------------------------- numerics: forward+bwd
 
 
@@ -159,6 +196,7 @@ CASES = {
     "prefix_lm_int": (1, 40, 40, 2, 2, 16, dict(causal=True, prefix_len=17), dict(block_q=16, block_k=16)),
     "segments": (2, 64, 64, 2, 2, 16, "segments", dict(block_q=16, block_k=16)),
     "segments_padding": (2, 50, 50, 2, 2, 16, "padding", dict(block_q=16, block_k=16)),
+    "segments_unsorted": (2, 64, 64, 2, 2, 16, "unsorted", dict(block_q=16, block_k=16)),
     "causal_segments_window": (2, 64, 64, 4, 2, 16, "causal_segments_window", dict(block_q=16, block_k=32)),
     "gqa4_causal": (1, 32, 32, 8, 2, 16, dict(causal=True), dict(block_q=16, block_k=16)),
     "mqa8": (1, 32, 32, 8, 1, 16, dict(causal=True, window=7), dict(block_q=16, block_k=16)),
@@ -176,6 +214,10 @@ def _masks(spec, b, sq, sk, rng):
     return dict(spec)
   if spec == "segments":
     seg = packed_segments(rng, b, sq)
+    return dict(q_segment_ids=seg, kv_segment_ids=seg)
+  if spec == "unsorted":  # any ids, not increasing: block skipping must stay conservative
+    seg = rng.integers(0, 3, (b, sq)).astype(np.int32)
+    seg[:, 20:44] = 7
     return dict(q_segment_ids=seg, kv_segment_ids=seg)
   if spec == "padding":
     seg = (np.arange(sq)[None] < np.array([[sq], [sq - 19]])).astype(np.int32)
@@ -252,8 +294,15 @@ def test_fully_masked_rows_are_zero_with_zero_gradients():
   np.testing.assert_allclose(out2, jnp.repeat(v, 2, axis=2), atol=1e-6)  # attends only itself
 
 
-@pytest.mark.parametrize("masks", [dict(causal=True), dict(window=16)], ids=["causal", "window"])
-def test_masked_blocks_are_skipped(masks):
+SEGMENTS_96 = np.repeat(np.array([[1, 2, 3]], np.int32), [40, 24, 32], axis=1)  # rows < 32: only kv < 40
+
+
+@pytest.mark.parametrize("masks,backend", [
+    (dict(causal=True), "triton"), (dict(window=16), "triton"),
+    (dict(q_segment_ids=SEGMENTS_96, kv_segment_ids=SEGMENTS_96), "triton"),
+    (dict(q_segment_ids=SEGMENTS_96, kv_segment_ids=SEGMENTS_96), "mosaic_tpu")],
+    ids=["causal", "window", "segments", "segments-mosaic_tpu"])
+def test_masked_blocks_are_skipped(masks, backend):
   """NaNs in k/v blocks a q block never sees must not reach it: those tiles are not computed at all."""
   q, k, v, do = inputs(6, 1, 96, 96, 2, 2, 16, jnp.float32)
   poison = np.zeros((1, 96, 1, 1), np.float32)
@@ -262,7 +311,7 @@ def test_masked_blocks_are_skipped(masks):
     poison[:, :16] = np.nan               # ... and kv blocks < 1 for q rows 32..47 with window 16
   kp, vp = k + poison, v + poison
   blocks = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
-  out, (dq, _, _) = run_kernel(q, kp, vp, do, **blocks, **masks)
+  out, (dq, _, _) = run_kernel(q, kp, vp, do, backend=backend, **blocks, **masks)
   rows = slice(0, 32) if "window" not in masks else slice(32, 48)
   rout, (rdq, _, _) = run_xla(q, k, v, do, **masks)
   np.testing.assert_allclose(np.asarray(out)[:, rows], np.asarray(rout)[:, rows], atol=2e-5)

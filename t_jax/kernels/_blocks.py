@@ -76,12 +76,27 @@ def _clip(x: Array, lo: Array, hi: Array) -> Array:
   return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def kv_range(cfg: Config, qi: Array, bq: int, bk: int, prefix: Optional[Array]
-             ) -> tuple[Array, Array, Array, Array]:
+Bounds = tuple[Array, Array, Array, Array]
+
+
+def _intersect(lo: Array, full_lo: Array, full_hi: Array, hi: Array, seg: Optional[Bounds]) -> Bounds:
+  """Narrows the bounds by the segment-id bounds `seg` (if any) and makes lo <= full_lo <= full_hi <= hi."""
+  if seg is not None:
+    lo, full_lo = jnp.maximum(lo, seg[0]), jnp.maximum(full_lo, seg[1])
+    full_hi, hi = jnp.minimum(full_hi, seg[2]), jnp.minimum(hi, seg[3])
+  hi = jnp.maximum(hi, lo)
+  full_lo = _clip(full_lo, lo, hi)
+  full_hi = _clip(full_hi, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def kv_range(cfg: Config, qi: Array, bq: int, bk: int, prefix: Optional[Array], seg: Optional[Bounds] = None
+             ) -> Bounds:
   """kv-block bounds (lo, full_lo, full_hi, hi) for q block `qi`.
 
   Blocks outside [lo, hi) are fully masked (skipped); blocks in [full_lo, full_hi) are fully visible
-  (no mask needed); lo <= full_lo <= full_hi <= hi.
+  (no mask needed); lo <= full_lo <= full_hi <= hi. With segment ids, `seg` is this q block's row of
+  `segment_bounds` (required: without it every block would count as visible).
   """
   q0 = qi * bq                      # first and last query position of the block
   q1 = q0 + (bq - 1)
@@ -99,16 +114,12 @@ def kv_range(cfg: Config, qi: Array, bq: int, bk: int, prefix: Optional[Array]
     hi = jnp.minimum(hi, _cdiv(q1 + w, bk))
     full_lo = jnp.maximum(full_lo, _cdiv(q1 - w + 1, bk))
     full_hi = jnp.minimum(full_hi, _div(q0 + w, bk))
-  if cfg.has_segments:
-    full_lo = full_hi = lo
-  hi = jnp.maximum(hi, lo)
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
+  assert cfg.has_segments == (seg is not None), "segment ids need their block bounds"
+  return _intersect(lo, full_lo, full_hi, hi, seg)
 
 
-def q_range(cfg: Config, kj: Array, bq: int, bk: int, prefix: Optional[Array]
-            ) -> tuple[Array, Array, Array, Array]:
+def q_range(cfg: Config, kj: Array, bq: int, bk: int, prefix: Optional[Array], seg: Optional[Bounds] = None
+            ) -> Bounds:
   """q-block bounds (lo, full_lo, full_hi, hi) for kv block `kj`; same contract as `kv_range`."""
   k0 = kj * bk
   k1 = k0 + (bk - 1)
@@ -127,14 +138,57 @@ def q_range(cfg: Config, kj: Array, bq: int, bk: int, prefix: Optional[Array]
     hi = jnp.minimum(hi, _cdiv(k1 + w, bq))
     full_lo = jnp.maximum(full_lo, _cdiv(k1 - w + 1, bq))
     full_hi = jnp.minimum(full_hi, _div(k0 + w, bq))
-  if cfg.has_segments:
-    full_lo = full_hi = lo
   # A kv block holding padding columns always needs the mask.
   full_hi = jnp.where(k1 >= cfg.kv_len, lo, full_hi)
-  hi = jnp.maximum(hi, lo)
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
+  assert cfg.has_segments == (seg is not None), "segment ids need their block bounds"
+  return _intersect(lo, full_lo, full_hi, hi, seg)
+
+
+def _block_min_max(ids: Array, length: int, blk: int) -> tuple[Array, Array]:
+  """Per-block min and max segment id [B, n // blk] over the first `length` (real) positions."""
+  b, n = ids.shape
+  real = (jnp.arange(n) < length).reshape(n // blk, blk)
+  ids = ids.reshape(b, n // blk, blk)
+  big = jnp.iinfo(jnp.int32).max
+  return jnp.where(real, ids, big).min(-1), jnp.where(real, ids, -big).max(-1)
+
+
+def _matching_span(row_ids: Array, col_ids: Array) -> tuple[Array, Array]:
+  """For each row position [B, R]: the first and last column position with the same id (C and -1 if none)."""
+  n = col_ids.shape[1]
+  order = jnp.argsort(col_ids, axis=1, stable=True)        # equal ids keep their position order
+  sorted_ids = jnp.take_along_axis(col_ids, order, axis=1)
+  search = jax.vmap(lambda a, v, side: jnp.searchsorted(a, v, side=side), (0, 0, None))
+  left, right = search(sorted_ids, row_ids, "left"), search(sorted_ids, row_ids, "right")
+  first = jnp.take_along_axis(order, jnp.minimum(left, n - 1), axis=1)
+  last = jnp.take_along_axis(order, jnp.maximum(right - 1, 0), axis=1)
+  found = right > left
+  return jnp.where(found, first, n), jnp.where(found, last, -1)
+
+
+def segment_bounds(row_ids: Array, col_ids: Array, row_len: int, col_len: int, row_blk: int, col_blk: int
+                   ) -> Array:
+  """Block bounds that segment ids allow: int32 [B, n_row_blocks, 4] of (lo, full_lo, full_hi, hi).
+
+  Run outside the kernels, in O(S log S). For each row block (a q block, or a kv block with the roles
+  swapped), column blocks outside [lo, hi) hold no id of the row block: [lo, hi) spans from the first
+  to the last column position matching any of its rows, so any ids are safe and ids that form runs
+  (packing, including a trailing padding run) are tight. Blocks in [full_lo, full_hi) hold only the
+  row block's single id. Padding positions (past row_len / col_len) are ignored.
+  """
+  n_row, n_col = row_ids.shape[1], col_ids.shape[1]
+  first, last = _matching_span(row_ids[:, :row_len], col_ids[:, :col_len])
+  pad = ((0, 0), (0, n_row - row_len))
+  first = jnp.pad(first, pad, constant_values=n_col).reshape(-1, n_row // row_blk, row_blk).min(-1)
+  last = jnp.pad(last, pad, constant_values=-1).reshape(-1, n_row // row_blk, row_blk).max(-1)
+  lo, hi = lax.div(first, col_blk), lax.div(last + col_blk, col_blk)
+  rmin, rmax = _block_min_max(row_ids, row_len, row_blk)
+  cmin, cmax = _block_min_max(col_ids, col_len, col_blk)
+  full = (rmin == rmax)[:, :, None] & (cmin == cmax)[:, None, :] & (rmin[:, :, None] == cmin[:, None, :])
+  j = jnp.arange(n_col // col_blk, dtype=jnp.int32)
+  full_lo = jnp.where(full, j, j.size).min(-1)
+  full_hi = jnp.where(~full & (j > full_lo[..., None]), j, j.size).min(-1)  # first non-full block after
+  return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
 
 
 def block_mask(cfg: Config, q_pos: Array, kv_pos: Array, q_seg: Optional[Array], kv_seg: Optional[Array],

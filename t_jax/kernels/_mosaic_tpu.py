@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_bounds
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -78,6 +78,42 @@ def _prefix(cfg: Config, prefix_ref: object, b: Array) -> Optional[Array]:
   return prefix_ref[b] if cfg.has_prefix else None
 
 
+def _seg(cfg: Config, seg_ref: object, b: Array, i: Array, n: int) -> Optional[tuple]:
+  """Segment block bounds of block i of batch row b, from the flat scalar-prefetched [B * n * 4] array."""
+  if not cfg.has_segments:
+    return None
+  base = (b * n + i) * 4
+  return tuple(seg_ref[base + c] for c in range(4))
+
+
+def _kv_bounds(cfg: Config, bq: int, bk: int) -> Callable:
+  """(q block, batch, prefix ref, seg ref) -> kv_range: usable in index maps and kernels alike."""
+  nq = cfg.q_len_padded // bq
+  return lambda i, b, p, s: kv_range(cfg, i, bq, bk, _prefix(cfg, p, b), _seg(cfg, s, b, i, nq))
+
+
+def _q_bounds(cfg: Config, bq: int, bk: int) -> Callable:
+  """(kv block, batch, prefix ref, seg ref) -> q_range."""
+  nk = cfg.kv_len_padded // bk
+  return lambda j, b, p, s: q_range(cfg, j, bq, bk, _prefix(cfg, p, b), _seg(cfg, s, b, j, nk))
+
+
+def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Optional[Array],
+                 kv_seg: Optional[Array], bq: int, bk: int, by_kv: bool = False) -> tuple[Array, Array]:
+  """The two scalar-prefetched inputs: prefix lengths [B] and flat segment block bounds (dummies if absent).
+
+  The bounds take B * n_blocks * 4 int32 words of SMEM.
+  """
+  prefix = prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
+  if not cfg.has_segments:
+    return prefix, jnp.zeros((4,), jnp.int32)
+  if by_kv:
+    bounds = segment_bounds(kv_seg, q_seg, cfg.kv_len, cfg.q_len, bk, bq)
+  else:
+    bounds = segment_bounds(q_seg, kv_seg, cfg.q_len, cfg.kv_len, bq, bk)
+  return prefix, bounds.reshape(-1)
+
+
 def _bias_head(cfg: Config, b: Array, h: Array) -> tuple:
   return (b if cfg.bias_batch else 0, h if cfg.bias_heads else 0)
 
@@ -93,14 +129,10 @@ def _aux_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg
   return args
 
 
-def _prefix_arg(cfg: Config, prefix: Optional[Array], batch: int) -> Array:
-  return prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
-
-
 # ----------------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
+def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
    m_sc, l_sc, acc_sc) = _unpack(cfg, refs)
   bq, bk = cfg.block_q, cfg.block_k
@@ -128,7 +160,7 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
     acc_sc[...] = acc_sc[...] * alpha + _dot(cfg, p.astype(v_ref.dtype), v_ref[...], 1, 0)
     m_sc[...] = m_new
 
-  _when_visited(cfg, kj, kv_range(cfg, qi, bq, bk, prefix), compute)
+  _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -143,27 +175,29 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
   """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq, 1] (f32; +inf on fully masked rows)."""
   b, sq, h, d = q.shape
   sk, g, bq, bk = k.shape[1], cfg.group, cfg.block_q, cfg.block_k
-  kvr = lambda i, p, bb: kv_range(cfg, i, bq, bk, _prefix(cfg, p, bb))
+  kvr = _kv_bounds(cfg, bq, bk)
+  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
   in_specs = [
-      pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0)),
-      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), _clamped(j, kvr(i, p, bb)), 0)),
-      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), _clamped(j, kvr(i, p, bb)), 0))]
+      pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0)),
+      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0)),
+      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))]
   if cfg.has_bias:
-    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (
-        *_bias_head(cfg, bb, hh), i, _clamped(j, kvr(i, p, bb)))))
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
+        *_bias_head(cfg, bb, hh), i, kblk(bb, i, j, *r))))
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, p: (bb, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, p: (bb, 0, _clamped(j, kvr(i, p, bb))))]
-  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0)),
-               pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, p: (bb, hh, i, 0))]
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
+  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0)),
+               pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=2, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)])
   o, lse = pl.pallas_call(
       lambda *refs: _fwd_kernel(cfg, *refs), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), q.dtype), jax.ShapeDtypeStruct((b, h, sq, 1), _F32)],
       interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_fwd",
-  )(_prefix_arg(cfg, prefix, b), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *_aux_args(cfg, bias, q_seg, kv_seg))
+  )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v),
+    *_aux_args(cfg, bias, q_seg, kv_seg))
   return _to_bhsd(o), lse
 
 
@@ -181,7 +215,7 @@ def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Arr
   return p, p * (_dot(cfg, do, v, 1, 1) - delta)
 
 
-def _dkdv_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
+def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
    dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(cfg, refs)
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -203,7 +237,7 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
     dv_sc[...] += _dot(cfg, p.astype(do.dtype), do, 0, 0)
     dk_sc[...] += _dot(cfg, ds.astype(q.dtype), q, 0, 0)
 
-  _when_visited(cfg, qi, q_range(cfg, kj, bq, bk, prefix), compute)
+  _when_visited(cfg, qi, _q_bounds(cfg, bq, bk)(kj, b, prefix_ref, seg_ref), compute)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -211,7 +245,7 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, *refs: object) -> None:
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, *refs: object) -> None:
+def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
    dq_ref, *rest) = _unpack(cfg, refs)
   dbias_ref, dq_sc = (rest[0], rest[1]) if need_dbias else (None, rest[0])
@@ -236,7 +270,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, *refs: object)
       dbias_ref[...] = ds
     dq_sc[...] += _dot(cfg, ds.astype(k.dtype), k, 1, 0)
 
-  _when_visited(cfg, kj, kv_range(cfg, qi, bq, bk, prefix), compute)
+  _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -253,55 +287,56 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   nq = sq // bq
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(_F32), do.astype(_F32))[..., None]
   qt, kt, vt, dot_ = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(do)
-  args = (_prefix_arg(cfg, prefix, b), qt, kt, vt, *_aux_args(cfg, bias, q_seg, kv_seg), dot_, lse, delta)
+  args = (qt, kt, vt, *_aux_args(cfg, bias, q_seg, kv_seg), dot_, lse, delta)
 
   # dk, dv: grid (batch, kv head, kv block, group head x q block).
-  qr = lambda j, p, bb: q_range(cfg, j, bq, bk, _prefix(cfg, p, bb))
-  qblk = lambda j, t, p, bb: _clamped(lax.rem(t, jnp.int32(nq)), qr(j, p, bb))
-  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hk, j, t, p: (bb, hk * g + idiv(t, nq), qblk(j, t, p, bb), 0))
-  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hk, j, t, p: (bb, hk, j, 0))
-  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hk, j, t, p: (bb, hk * g + idiv(t, nq), qblk(j, t, p, bb), 0))
+  qr = _q_bounds(cfg, bq, bk)
+  qblk = lambda bb, j, t, p, s: _clamped(lax.rem(t, jnp.int32(nq)), qr(j, bb, p, s))
+  qhead = lambda hk, t: hk * g + idiv(t, nq)
+  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hk, j, t, *r: (bb, qhead(hk, t), qblk(bb, j, t, *r), 0))
+  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hk, j, t, *r: (bb, hk, j, 0))
+  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hk, j, t, *r: (bb, qhead(hk, t), qblk(bb, j, t, *r), 0))
   in_specs = [qspec, kvspec, kvspec]
   if cfg.has_bias:
-    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hk, j, t, p: (
-        *_bias_head(cfg, bb, hk * g + idiv(t, nq)), qblk(j, t, p, bb), j)))
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hk, j, t, *r: (
+        *_bias_head(cfg, bb, qhead(hk, t)), qblk(bb, j, t, *r), j)))
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hk, j, t, p: (bb, qblk(j, t, p, bb), 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bb, hk, j, t, p: (bb, 0, j))]
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hk, j, t, *r: (bb, qblk(bb, j, t, *r), 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hk, j, t, *r: (bb, 0, j))]
   in_specs += [qspec, rowspec, rowspec]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, hkv, sk // bk, g * nq), in_specs=in_specs, out_specs=[kvspec, kvspec],
+      num_scalar_prefetch=2, grid=(b, hkv, sk // bk, g * nq), in_specs=in_specs, out_specs=[kvspec, kvspec],
       scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)])
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
       interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dkdv",
-  )(*args)
+  )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk, by_kv=True), *args)
 
   # dq (and the logits gradient): grid (batch, head, q block, kv block).
-  kvr = lambda i, p, bb: kv_range(cfg, i, bq, bk, _prefix(cfg, p, bb))
-  kblk = lambda i, j, p, bb: _clamped(j, kvr(i, p, bb))
-  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, p: (bb, hh, i, 0))
-  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, p: (bb, idiv(hh, g), kblk(i, j, p, bb), 0))
-  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, p: (bb, hh, i, 0))
+  kvr = _kv_bounds(cfg, bq, bk)
+  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
+  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
+  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))
+  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
   in_specs = [qspec, kvspec, kvspec]
   if cfg.has_bias:
-    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (
-        *_bias_head(cfg, bb, hh), i, kblk(i, j, p, bb))))
+    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
+        *_bias_head(cfg, bb, hh), i, kblk(bb, i, j, *r))))
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, p: (bb, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, p: (bb, 0, kblk(i, j, p, bb)))]
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
   in_specs += [qspec, rowspec, rowspec]
   out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
   out_specs = [qspec]
   if need_dbias:
     out_shape.append(jax.ShapeDtypeStruct((b, h, sq, sk), _F32))
-    out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, p: (bb, hh, i, j)))
+    out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (bb, hh, i, j)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1, grid=(b, h, nq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=2, grid=(b, h, nq, sk // bk), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, d), _F32)])
   outs = pl.pallas_call(
       lambda *refs: _dq_kernel(cfg, need_dbias, *refs), grid_spec=grid_spec, out_shape=out_shape,
       interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dq",
-  )(*args)
+  )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk), *args)
   return _to_bhsd(outs[0]), _to_bhsd(dk), _to_bhsd(dv), (outs[1] if need_dbias else None)

@@ -6,7 +6,8 @@ reads kv head idiv(h, g)roup in the index maps (k/v are never repeated); the dk/
 and loops over the query heads of its group, so no reduction over repeated heads is needed afterwards.
 
 Every loop is split into masked / fully visible / masked ranges (see `_blocks.kv_range`): fully masked
-blocks are not visited at all and fully visible ones skip the mask arithmetic.
+blocks (by causality, window, prefix or segment ids) are not visited at all and fully visible ones skip
+the mask arithmetic.
 
 Verified here: interpret mode on CPU (numerics, every mask kind), and lowering to Triton IR through
 `jax.jit(...).lower(lowering_platforms=("cuda",))` (block shapes, primitives). Not verified here: PTX
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_bounds
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -43,18 +44,23 @@ def _compiler_params(cfg: Config, num_warps: int) -> Optional[object]:
 
 
 def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
-  """Splits kernel refs into (q, k, v, bias, q_seg, kv_seg, prefix, rest...) with None for absent ones."""
+  """Splits kernel refs into (q, k, v, bias, q_seg, kv_seg, prefix, seg, rest...), None for absent ones.
+
+  prefix is the loaded scalar; seg the loaded segment block bounds (a 4-tuple of scalars, see
+  `_blocks.segment_bounds`) of this program's block.
+  """
   refs = list(refs)
   q, k, v = refs[:3]
   i = 3
   bias = refs[i] if cfg.has_bias else None
   i += cfg.has_bias
-  q_seg, kv_seg = (refs[i], refs[i + 1]) if cfg.has_segments else (None, None)
-  i += 2 * cfg.has_segments
-  prefix = refs[i] if cfg.has_prefix else None
+  q_seg, kv_seg, seg = (refs[i], refs[i + 1], refs[i + 2]) if cfg.has_segments else (None, None, None)
+  i += 3 * cfg.has_segments
+  prefix = refs[i][...] if cfg.has_prefix else None
   i += cfg.has_prefix
   assert len(refs) - i == n_tail, (len(refs), i, n_tail)
-  return (q, k, v, bias, q_seg, kv_seg, prefix, *refs[i:])
+  seg = tuple(seg[c] for c in range(4)) if seg is not None else None
+  return (q, k, v, bias, q_seg, kv_seg, prefix, seg, *refs[i:])
 
 
 def _phased_loop(cfg: Config, bounds: tuple, body: Callable, carry: object) -> object:
@@ -62,8 +68,6 @@ def _phased_loop(cfg: Config, bounds: tuple, body: Callable, carry: object) -> o
   lo, flo, fhi, hi = bounds
   if not cfg.any_mask:
     return lax.fori_loop(lo, hi, body(False), carry)
-  if cfg.has_segments:
-    return lax.fori_loop(lo, hi, body(True), carry)
   carry = lax.fori_loop(lo, flo, body(True), carry)
   carry = lax.fori_loop(flo, fhi, body(False), carry)
   return lax.fori_loop(fhi, hi, body(True), carry)
@@ -77,10 +81,9 @@ def _positions(start: Array, n: int) -> Array:
 
 
 def _fwd_kernel(cfg: Config, *refs: object) -> None:
-  q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref, o_ref, lse_ref = _unpack(cfg, refs, 2)
+  q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg, o_ref, lse_ref = _unpack(cfg, refs, 2)
   bq, bk = cfg.block_q, cfg.block_k
   qi = pl.program_id(0)
-  prefix = prefix_ref[...] if prefix_ref is not None else None
   q = q_ref[...]
   q_pos = _positions(qi * bq, bq)[:, None]
   q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
@@ -109,7 +112,7 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix), body, carry)
+  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix, seg), body, carry)
   empty = den == 0.0  # fully masked rows: output 0, lse +inf (so backward gets p = 0)
   o_ref[...] = (acc / jnp.where(empty, 1.0, den)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
@@ -121,21 +124,35 @@ def _bias_index(cfg: Config, b: Array, h: Array) -> tuple:
 
 def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias_spec: pl.BlockSpec,
                   qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec) -> list:
+  """In-specs of the inputs present: q, k, v, bias, segment ids, their block bounds, prefix.
+
+  The block bounds (`_seg_bounds`) hold one row per block of the grid's axis 0.
+  """
   specs = [q_spec, kv_spec, kv_spec]
   if cfg.has_bias:
     specs.append(bias_spec)
   if cfg.has_segments:
-    specs += [qseg_spec, kseg_spec]
+    specs += [qseg_spec, kseg_spec, pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0))]
   if cfg.has_prefix:
     specs.append(prefix_spec)
   return specs
 
 
 def _extra_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg: Optional[Array],
-                prefix: Optional[Array]) -> list:
+                prefix: Optional[Array], seg_bounds: Optional[Array]) -> list:
   args = [bias] if cfg.has_bias else []
-  args += [q_seg, kv_seg] if cfg.has_segments else []
+  args += [q_seg, kv_seg, seg_bounds] if cfg.has_segments else []
   return args + ([prefix] if cfg.has_prefix else [])
+
+
+def _seg_bounds(cfg: Config, q_seg: Optional[Array], kv_seg: Optional[Array], bq: int, bk: int,
+                by_kv: bool = False) -> Optional[Array]:
+  """Segment block bounds per q block (or, by_kv, per kv block); None without segment ids."""
+  if not cfg.has_segments:
+    return None
+  if by_kv:
+    return segment_bounds(kv_seg, q_seg, cfg.kv_len, cfg.q_len, bk, bq)
+  return segment_bounds(q_seg, kv_seg, cfg.q_len, cfg.kv_len, bq, bk)
 
 
 def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
@@ -165,7 +182,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
       interpret=cfg.interpret, compiler_params=_compiler_params(cfg, cfg.num_warps),
       name="flash_attention_fwd",
-  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix))
+  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, cfg.block_k)))
 
 
 # ---------------------------------------------------------------------------------------- backward
@@ -185,15 +202,14 @@ def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Arr
 
 
 def _dkdv_kernel(cfg: Config, *refs: object) -> None:
-  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref,
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg,
    do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _unpack(cfg, refs, 5)
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   kj = pl.program_id(0)
-  prefix = prefix_ref[...] if prefix_ref is not None else None
   k, v = k_ref[...], v_ref[...]
   kv_pos = _positions(kj * bk, bk)[None, :]
   kv_seg = kseg_ref[...][None, :] if kseg_ref is not None else None
-  bounds = q_range(cfg, kj, bq, bk, prefix)
+  bounds = q_range(cfg, kj, bq, bk, prefix, seg)
 
   def head(hg: Array, carry: tuple) -> tuple:
     def body(masked: bool) -> Callable:
@@ -225,12 +241,11 @@ def _dkdv_kernel(cfg: Config, *refs: object) -> None:
 
 
 def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
-  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix_ref,
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg,
    do_ref, lse_ref, delta_ref, dq_ref, *dbias_ref) = _unpack(cfg, refs, 4 + need_dbias)
   dbias_ref = dbias_ref[0] if need_dbias else None
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   qi = pl.program_id(0)
-  prefix = prefix_ref[...] if prefix_ref is not None else None
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_pos = _positions(qi * bq, bq)[:, None]
   q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
@@ -251,7 +266,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
       return dq + _dot(cfg, ds.astype(k.dtype), k, 1, 0)
     return step
 
-  bounds = kv_range(cfg, qi, bq, bk, prefix)
+  bounds = kv_range(cfg, qi, bq, bk, prefix, seg)
   dq = _phased_loop(cfg, bounds, body, jnp.zeros(q.shape, _F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:  # skipped (fully masked) tiles get a zero bias gradient
@@ -270,7 +285,6 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   sk, hkv, g = k.shape[1], k.shape[2], cfg.group
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(_F32), do.astype(_F32))
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix)
   params = _compiler_params(cfg, cfg.num_warps_bwd)
 
   # dk, dv: one program per (kv block, batch, kv head), looping over the group's query heads.
@@ -286,6 +300,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   in_specs += [pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0))]
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True))
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0))
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs),
@@ -295,6 +310,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(q, k, v, *extra, do, lse, delta)
 
   # dq (and the logits gradient for dbias): one program per (q block, batch, head).
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, bk))
   in_specs = _q_block_specs(cfg, bq, sk, d)
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
