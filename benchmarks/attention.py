@@ -2,9 +2,12 @@
 
   python benchmarks/attention.py                 # GPU: seq 512..16384, head_dim 64/128, causal and not
   python benchmarks/attention.py --smoke         # tiny sizes, proves the script runs (e.g. on CPU)
+  python benchmarks/attention.py --docs=4        # packed rows: 4 documents each (segment ids)
+  python benchmarks/attention.py --sweep-blocks --impls=pallas --seqs=2048,8192   # tune block sizes
 
 FLOPs: forward 4*B*H*S^2*D (halved when causal), backward 2.5x forward (so fwd+bwd = 3.5x). Tokens per
-step are fixed (B = tokens // S) and H = model_dim // D, as in the FlashAttention papers. Each
+step are fixed (B = tokens // S) and H = model_dim // D, as in the FlashAttention papers. With --docs=N
+each row packs N equal documents (segment ids) and FLOPs count only the visible 1/N. Each
 (implementation, shape) runs in a fresh subprocess so `peak_bytes_in_use` belongs to that run alone.
 Results go to --out (default benchmarks/results/attention_<device>.json; smoke runs default to the
 temp dir, so CPU numbers are never mistaken for GPU ones).
@@ -58,17 +61,24 @@ def attention_flops(b, h, s, d, causal):
 def run_one(cfg):
   """Times one (implementation, shape); returns a result dict (status 'ok', 'unsupported' or 'error')."""
   b, s, h, d, causal, impl = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"], cfg["causal"], cfg["impl"]
+  docs = cfg.get("docs", 1)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in ks)
-  fwd = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl))
+  masks = dict(causal=causal)
+  if docs > 1:  # docs equal documents per row
+    seg = jnp.broadcast_to(1 + jnp.arange(s, dtype=jnp.int32) * docs // s, (b, s))
+    masks.update(q_segment_ids=seg, kv_segment_ids=seg)
+  opts = cfg.get("kernel_options") or None
+  attn = lambda q, k, v: attention(q, k, v, **masks, implementation=impl, kernel_options=opts)
+  fwd = jax.jit(attn)
 
   def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, causal=causal, implementation=impl), q, k, v)
+    out, vjp = jax.vjp(attn, q, k, v)
     return out, vjp(do)
 
   fwd_bwd = jax.jit(fwd_bwd)
   res = dict(cfg)
-  flops = attention_flops(b, h, s, d, causal)
+  flops = attention_flops(b, h, s, d, causal) // docs
   try:
     t = _timeit(fwd, q, k, v, warmup=cfg["warmup"], iters=cfg["iters"])
     res.update(fwd_ms=t * 1e3, fwd_tflops=flops / t / 1e12, fwd_peak_bytes=_peak_bytes())
@@ -103,15 +113,49 @@ def _fmt(x, spec):
   return "-" if x is None else format(x, spec)
 
 
+def _opts_str(opts):
+  return ",".join(f"{k}={v}" for k, v in (opts or {}).items()) or "default"
+
+
 def print_table(results):
-  print(f"{'impl':<7}{'seq':>7}{'B':>4}{'H':>4}{'D':>5}{'causal':>7}{'fwd TF/s':>10}{'f+b TF/s':>10}"
-        f"{'fwd ms':>10}{'f+b ms':>10}{'peak GiB':>10}  status")
+  print(f"{'impl':<7}{'seq':>7}{'B':>4}{'H':>4}{'D':>5}{'causal':>7}{'docs':>5}{'fwd TF/s':>10}{'f+b TF/s':>10}"
+        f"{'fwd ms':>10}{'f+b ms':>10}{'peak GiB':>10}  status / kernel options")
   for r in results:
     peak = r.get("fwd_bwd_peak_bytes")
+    note = r.get("error", "")[:60] if r["status"] != "ok" else _opts_str(r.get("kernel_options"))
     print(f"{r['impl']:<7}{r['seq']:>7}{r['batch']:>4}{r['heads']:>4}{r['head_dim']:>5}{str(r['causal']):>7}"
-          f"{_fmt(r.get('fwd_tflops'), '.1f'):>10}{_fmt(r.get('fwd_bwd_tflops'), '.1f'):>10}"
+          f"{r.get('docs', 1):>5}{_fmt(r.get('fwd_tflops'), '.1f'):>10}{_fmt(r.get('fwd_bwd_tflops'), '.1f'):>10}"
           f"{_fmt(r.get('fwd_ms'), '.2f'):>10}{_fmt(r.get('fwd_bwd_ms'), '.2f'):>10}"
-          f"{_fmt(None if peak is None else peak / 2**30, '.2f'):>10}  {r['status']} {r.get('error', '')[:60]}")
+          f"{_fmt(None if peak is None else peak / 2**30, '.2f'):>10}  {r['status']} {note}")
+
+
+# Candidates for --sweep-blocks: forward tiles with the default backward, then backward tiles.
+SWEEP_FWD = [dict(block_q=bq, block_k=bk, num_warps=w) for bq, bk in [(64, 64), (128, 64), (128, 128), (64, 128)]
+             for w in (4, 8)]
+SWEEP_BWD = [dict(block_q_bwd=bq, block_k_bwd=bk) for bq, bk in [(32, 64), (64, 64), (64, 128), (128, 64)]]
+
+
+def parse_options(text):
+  """'block_q=128,block_k=64' -> {'block_q': 128, 'block_k': 64}."""
+  if not text:
+    return {}
+  opts = dict(kv.split("=", 1) for kv in text.split(","))
+  return {k.strip(): int(v) for k, v in opts.items()}
+
+
+def best_blocks(results):
+  """Per (head_dim, causal, seq): the fastest forward and backward candidates of a sweep."""
+  best = {}
+  for r in results:
+    opts = r.get("kernel_options") or {}
+    if r["status"] != "ok" or r["impl"] != "pallas" or not opts:
+      continue
+    key = f"D={r['head_dim']} causal={r['causal']} seq={r['seq']}"
+    which, metric = ("fwd", "fwd_ms") if "block_q" in opts else ("bwd", "fwd_bwd_ms")
+    cur = best.setdefault(key, {}).get(which)
+    if cur is None or r[metric] < cur[metric]:
+      best[key][which] = dict(options=opts, **{metric: r[metric]})
+  return best
 
 
 def main():
@@ -125,6 +169,9 @@ def main():
   p.add_argument("--model-dim", type=int, default=2048, help="heads * head_dim")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--docs", type=int, default=1, help="documents packed per row (segment ids)")
+  p.add_argument("--kernel-options", default="", help="Pallas options, e.g. block_q=128,block_k=64,num_warps=4")
+  p.add_argument("--sweep-blocks", action="store_true", help="time each Pallas block-size candidate")
   p.add_argument("--matmul-n", type=int, default=8192)
   p.add_argument("--no-isolate", action="store_true", help="run all configs in this process")
   p.add_argument("--out", default=None)
@@ -145,15 +192,23 @@ def main():
     for s in map(int, args.seqs.split(",")):
       for causal in (c.strip().lower() == "true" for c in args.causal.split(",")):
         for impl in args.impls.split(","):
-          cfg = dict(impl=impl, seq=s, batch=max(1, args.tokens // s), heads=max(1, args.model_dim // d),
-                     head_dim=d, causal=causal, warmup=args.warmup, iters=args.iters)
-          r = run_one(cfg) if args.no_isolate else _run_isolated(cfg)
-          results.append(r)
-          print_table([r])
+          variants = [parse_options(args.kernel_options)]
+          if impl == "pallas" and args.sweep_blocks:
+            variants = [dict(variants[0], **o) for o in SWEEP_FWD + SWEEP_BWD]
+          for opts in variants if impl == "pallas" else [{}]:
+            cfg = dict(impl=impl, seq=s, batch=max(1, args.tokens // s), heads=max(1, args.model_dim // d),
+                       head_dim=d, causal=causal, docs=args.docs, kernel_options=opts, warmup=args.warmup,
+                       iters=args.iters)
+            r = run_one(cfg) if args.no_isolate else _run_isolated(cfg)
+            results.append(r)
+            print_table([r])
   mm = matmul_tflops(args.matmul_n, args.warmup, args.iters)
   print()
   print_table(results)
   print(f"\ndense bf16 matmul {args.matmul_n}^3: {mm:.1f} TFLOP/s on {device}")
+  best = best_blocks(results) if args.sweep_blocks else None
+  for key, b in (best or {}).items():
+    print(key, " ".join(f"{w}: {_opts_str(v['options'])}" for w, v in sorted(b.items())))
 
   from t_jax.kernels import default_blocks
   out = dict(
@@ -162,15 +217,16 @@ def main():
       time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config=vars(args),
       pallas_default_blocks={d: default_blocks("mosaic_tpu" if dev.platform == "tpu" else "triton", int(d))
                              for d in args.head_dims.split(",")},
-      flops_note="fwd = 4*B*H*S^2*D (x0.5 causal); fwd+bwd = 3.5 x fwd", matmul_bf16_tflops=mm,
-      results=results)
+      flops_note="fwd = 4*B*H*S^2*D (x0.5 causal, x1/docs packed); fwd+bwd = 3.5 x fwd",
+      matmul_bf16_tflops=mm, best_blocks=best, results=results)
   path = args.out
   if path is None:
     name = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
     if args.smoke:
       path = os.path.join(tempfile.gettempdir(), f"attention_smoke_{name}.json")
     else:
-      path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"attention_{name}.json")
+      tag = "_sweep" if args.sweep_blocks else f"_docs{args.docs}" if args.docs > 1 else ""
+      path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"attention{tag}_{name}.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(out, f, indent=1)

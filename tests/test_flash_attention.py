@@ -358,6 +358,76 @@ def test_attention_api_dispatches_to_the_kernel(monkeypatch):
     np.testing.assert_allclose(a, bb, atol=1e-4)
 
 
+MODEL_CASES = {
+    # name: (ModelConfig fields, whether the batch is packed)
+    "gpt_rope_gqa_packed": (dict(architecture="decoder", position="rope", num_kv_heads=2), True),
+    "bert_learned_padding": (dict(architecture="encoder", position="learned"), False),
+    "prefix_lm_alibi_window": (dict(architecture="prefix_lm", position="alibi", window=9), False),
+    "t5_relative_bias": (dict(architecture="encoder_decoder", position="t5_relative"), True),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_whole_model_loss_and_gradients_match_xla(case):
+  """A model's loss and every parameter gradient with attention_impl='pallas' (interpreted) equal 'xla'.
+
+  Block sizes come from ModelConfig (the gin-reachable kernel options); the T5 case differentiates the
+  learned relative-position bias through the kernel.
+  """
+  from t_jax.models import ModelConfig, build_model, init_params
+  fields, packed = MODEL_CASES[case]
+  base = dict(vocab_size=50, d_model=32, num_heads=4, head_dim=16, mlp_dim=48, num_layers=2, max_len=64,
+              attention_block_q=16, attention_block_k=16, **fields)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(3, 50, (2, 40)), jnp.int32)
+  seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], [11, 17, 8, 4], axis=1).repeat(2, 0), jnp.int32)
+  kw = {}
+  if fields["architecture"] == "encoder_decoder":
+    kw = dict(encoder_segment_ids=seg, decoder_segment_ids=seg) if packed else {}
+    args = (x, x[:, ::-1])
+  else:
+    args = (x,)
+    if packed:
+      kw = dict(segment_ids=seg)
+    elif fields["architecture"] == "prefix_lm":
+      kw = dict(prefix_len=jnp.array([5, 23]))
+    else:
+      kw = dict(padding_mask=(jnp.arange(40)[None] < jnp.array([[40], [29]])).astype(jnp.int32))
+  params = init_params(build_model(ModelConfig(**base)), jax.random.key(0))
+
+  def loss_and_grads(impl):
+    model = build_model(ModelConfig(**base, attention_impl=impl))
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, *args, **kw))[..., 7] ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (lp, gp), (lx, gx) = loss_and_grads("pallas"), loss_and_grads("xla")
+  np.testing.assert_allclose(lp, lx, rtol=1e-5)
+  flat_p, flat_x = jax.tree_util.tree_leaves_with_path(gp), jax.tree_util.tree_leaves(gx)
+  assert len(flat_p) == len(flat_x)
+  overall = max(float(np.abs(g).max()) for g in flat_x)
+  for (path, a), bb in zip(flat_p, flat_x):  # per leaf, relative to it (or to 1% of the largest gradient)
+    scale = max(float(np.abs(bb).max()), 1e-2 * overall)
+    err = float(np.abs(a - bb).max()) / scale
+    assert err <= 1e-4, f"{jax.tree_util.keystr(path)}: relative error {err:.1e}"
+
+
+def test_model_config_reaches_the_kernel(monkeypatch):
+  """ModelConfig.attention_block_* / num_warps / num_stages arrive at flash_attention unchanged."""
+  import t_jax.kernels as kernels
+  from t_jax.models import ModelConfig, build_model, init_params
+  seen = []
+  real = kernels.flash_attention
+  monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: (seen.append(kw), real(*a, **kw))[1])
+  cfg = ModelConfig(vocab_size=20, d_model=16, num_heads=2, mlp_dim=16, num_layers=1, max_len=32,
+                    attention_impl="pallas", attention_block_q=32, attention_block_k=16, attention_num_warps=2)
+  model = build_model(cfg)
+  model.apply({"params": init_params(model, jax.random.key(0))}, jnp.ones((1, 20), jnp.int32))
+  assert seen and all(kw["block_q"] == 32 and kw["block_k"] == 16 and kw["num_warps"] == 2
+                      and "block_q_bwd" not in kw for kw in seen)
+  with pytest.raises(ValueError, match="attention_block_k must be a power of two"):
+    ModelConfig(attention_block_k=48)
+
+
 def test_jit_matches_eager():
   q, k, v, _ = inputs(8, 1, 40, 40, 2, 2, 16, jnp.float32)
   f = lambda q, k, v: flash_attention(q, k, v, causal=True, window=12, block_q=16, block_k=16)

@@ -52,6 +52,7 @@ def attention(
     kv_positions: Optional[Array] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
+    kernel_options: Optional[dict] = None,
 ) -> Array:
   """Scaled dot-product attention over [batch, seq, heads, head_dim] tensors.
 
@@ -59,7 +60,9 @@ def attention(
   (ALiBi, T5 relative). Segment id 0 marks padding. `q_positions`/`kv_positions` give absolute
   positions for the causal/window rules (KV-cache decoding); a negative kv position is an empty
   cache slot. Rows with nothing to attend to return zeros. Dropout on the attention
-  probabilities (`dropout_rate` > 0 with a `dropout_rng`) runs on the XLA path.
+  probabilities (`dropout_rate` > 0 with a `dropout_rng`) runs on the XLA path. `kernel_options`
+  (block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages) tune the Pallas kernels and are
+  ignored by the other implementations.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
@@ -80,7 +83,7 @@ def attention(
     if q_positions is not None or kv_positions is not None:
       raise NotImplementedError("the Pallas kernels take no explicit positions (KV-cache decoding); "
                                 "use implementation='xla' there")
-    return flash_attention(q, k, v, bias=bias, scale=scale, **masks)
+    return flash_attention(q, k, v, bias=bias, scale=scale, **masks, **(kernel_options or {}))
   if implementation == "cudnn":
     if not _cudnn_ok(q, bias, q_segment_ids, prefix_len, q_positions, kv_positions):
       raise NotImplementedError("cuDNN attention needs a GPU, bf16/f16 inputs, and only causal "

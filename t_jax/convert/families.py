@@ -9,13 +9,14 @@ from collections.abc import Callable
 import numpy as np
 
 from t_jax.convert import common as c
-from t_jax.models.config import ModelConfig
+from t_jax.models.config import KERNEL_OPTIONS, ModelConfig
 
 Weights = dict[str, np.ndarray]
 
 # ModelConfig fields that say how to run, not what the weights mean: never part of the export check.
 RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                            "dropout_rate", "attention_dropout_rate", "init_std"})
+                            "dropout_rate", "attention_dropout_rate", "init_std"}
+                           | {f"attention_{n}" for n in KERNEL_OPTIONS})
 NO_POSITION_FIELDS = frozenset({"rope_theta", "relative_buckets", "relative_max_distance"})
 
 

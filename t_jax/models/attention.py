@@ -61,6 +61,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v, bias=bias, causal=self.causal, window=None if self.cross else cfg.window,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, prefix_len=prefix_len,
         scale=None if cfg.scale_attention else 1.0, implementation=cfg.attention_impl,
+        kernel_options=cfg.attention_kernel_options,
         q_positions=q_positions if explicit else None, kv_positions=kv_positions if explicit else None,
         dropout_rate=cfg.attention_dropout_rate if dropout_rng is not None else 0.0,
         dropout_rng=dropout_rng)

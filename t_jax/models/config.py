@@ -13,6 +13,7 @@ POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5_relative", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+KERNEL_OPTIONS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps", "num_stages")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -62,6 +63,13 @@ class ModelConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   attention_impl: str = "auto"
+  # Pallas flash-attention tiling; None = t_jax.kernels.default_blocks for the device and head_dim.
+  attention_block_q: Optional[int] = None
+  attention_block_k: Optional[int] = None
+  attention_block_q_bwd: Optional[int] = None
+  attention_block_k_bwd: Optional[int] = None
+  attention_num_warps: Optional[int] = None  # Triton launch parameters (GPU only)
+  attention_num_stages: Optional[int] = None
 
   def __post_init__(self) -> None:
     """Rejects inconsistent configs early, naming the field."""
@@ -88,6 +96,16 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.window must be >= 1 or None, got {self.window}")
     if not 0.0 <= self.dropout_rate < 1.0 or not 0.0 <= self.attention_dropout_rate < 1.0:
       raise ValueError("ModelConfig dropout rates must be in [0, 1)")
+    for name, value in self.attention_kernel_options.items():
+      if value < 1 or (name.startswith("block") and value & (value - 1)):
+        kind = "a power of two" if name.startswith("block") else ">= 1"
+        raise ValueError(f"ModelConfig.attention_{name} must be {kind} or None, got {value}")
+
+  @property
+  def attention_kernel_options(self) -> dict:
+    """The Pallas kernel options that are set (`t_jax.attention(..., kernel_options=...)`)."""
+    options = {n: getattr(self, f"attention_{n}") for n in KERNEL_OPTIONS}
+    return {n: v for n, v in options.items() if v is not None}
 
   @property
   def kv_heads(self) -> int:
