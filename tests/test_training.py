@@ -459,3 +459,30 @@ def test_log_prints_on_process_0_only(monkeypatch, capsys):
   monkeypatch.setattr(metrics.jax, "process_index", lambda: 1)
   metrics.log("hello from 1")
   assert capsys.readouterr().out == "hello from 0\n"
+
+
+def test_eval_shards_of_unequal_length_yield_the_same_number_of_batches(tmp_path, monkeypatch):
+  """Multi-process eval: a process whose shard runs out early pads with zero-weight batches up to
+  TrainConfig.eval_batches, so every process runs the same number of collective eval steps."""
+  from t_jax import data
+  from t_jax.training import tasks
+  sentences = [{"text": f"the {w} sat on the mat number {i}"} for i, w in enumerate(["cat", "dog", "cow"] * 6)]
+  tok = data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
+  task = TaskConfig(objective=data.CausalLM(seq_len=8, pack=False), train_source=sentences,
+                    eval_source=sentences[:5])
+  monkeypatch.setattr(tasks.jax, "process_count", lambda: 2)
+
+  def shard(index, limit):
+    monkeypatch.setattr(tasks.jax, "process_index", lambda: index)
+    return list(tasks.ordered_batches(task, tok, task.eval_source, 2, limit=limit))
+
+  real = [shard(0, None), shard(1, None)]          # shards of 3 and 2 documents
+  assert len(real[0]) > len(real[1]) > 0
+  limit = len(real[0]) + 1
+  for index in (0, 1):
+    batches = shard(index, limit)
+    assert len(batches) == limit
+    for got, want in zip(batches, real[index]):
+      assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert all(not b["weights"].any() for b in batches[len(real[index]):])
+  assert len(shard(0, 2)) == 2                      # a limit below the shard's length still cuts

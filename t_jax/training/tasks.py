@@ -122,13 +122,23 @@ def train_iterator(task: TaskConfig, tok: data.Tokenizer, batch_size: int, seed:
 
 def ordered_batches(task: TaskConfig, tok: data.Tokenizer, source: Sequence, batch_size: int,
                     limit: Optional[int]) -> Iterator[Batch]:
-  """One ordered pass (at most `limit` batches; the last is padded with zero weights)."""
+  """One ordered pass (at most `limit` batches; the last is padded with zero weights).
+
+  With several processes each reads its own shard, and shards can run out at different batches: every
+  process then yields exactly `limit` batches, the missing ones all zero (weight 0), so all of them run
+  the same number of (collective) eval steps.
+  """
   it = data.make_iterator(source, tok, task.objective, batch_size=batch_size, train=False, seed=0,
                           **_pipeline_kwargs(task))
-  for i, batch in enumerate(it):
-    if limit is not None and i >= limit:
+  n, batch = 0, None
+  for batch in it:
+    if limit is not None and n >= limit:
       return
     yield batch
+    n += 1
+  if limit is not None and jax.process_count() > 1 and batch is not None:
+    for _ in range(limit - n):
+      yield {k: np.zeros_like(v) for k, v in batch.items()}
 
 
 def _pipeline_kwargs(task: TaskConfig) -> dict:
