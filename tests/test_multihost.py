@@ -62,6 +62,50 @@ def _check_remesh(remesh: dict, ref: dict) -> None:
   np.testing.assert_allclose(remesh["losses"], ref["losses"][SAVE_AT:], rtol=1e-4, atol=1e-5)
 
 
+def _launch_two(workdir, port: int, *bindings: str) -> list:
+  """launch.train as 2 processes x 2 CPU devices (gloo) on localhost, quickstart_tiny, logging every step."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  flags = ["--gin_file=experiments/quickstart_tiny.gin", f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", *(f"--gin_bindings={b}" for b in ("TrainConfig.log_every = 1", "TrainConfig.eval_every = 0",
+                                                                   "TrainConfig.checkpoint_every = 100000", *bindings))]
+  return [subprocess.Popen([sys.executable, "-m", "launch.train", *flags, f"--process_id={i}"], cwd=md.REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+
+
+def _finish(procs: list) -> list[str]:
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_on_all_and_resumes(tmp_path):
+  """launch.train with 2 processes: SIGTERM to process 1 alone (the preemption service spreads it) makes both
+  save one checkpoint at an agreed step and exit 0; the same command then resumes from that step."""
+  import json
+  import signal
+  import time
+  metrics = tmp_path / "metrics.jsonl"
+  procs = _launch_two(tmp_path, md.free_port(), "TrainConfig.num_steps = 100000")
+  deadline = time.time() + 300
+  while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].communicate()[0][-3000:]
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  out0, _ = _finish(procs)
+  step = int(out0.split("saved a checkpoint at step ")[1].split(";")[0])
+  assert [int(d.name) for d in (tmp_path / "checkpoints").iterdir()] == [step]
+  _finish(_launch_two(tmp_path, md.free_port(), f"TrainConfig.num_steps = {step + 2}"))
+  rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r][-3:] == [step, step + 1, step + 2]
+  assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir())[-1] == step + 2
+
+
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_SKIP_MDS_QUERY")
 

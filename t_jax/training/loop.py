@@ -62,9 +62,14 @@ def setup_mesh(cfg: TrainConfig) -> tuple[Partitioner, int, int]:
 
 @contextlib.contextmanager
 def preemption_signals() -> Iterator[threading.Event]:
-  """An Event set by SIGTERM/SIGINT while inside; the loop saves and exits cleanly when it is set."""
+  """An Event set by SIGTERM/SIGINT while inside; the loop saves and exits cleanly when it is set.
+
+  Single process only. With several processes SIGTERM is left to the jax.distributed preemption
+  service (its notifier would be replaced by a Python handler), which makes all processes agree on
+  the step to save at; see `_preempted`.
+  """
   stop = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
     yield stop
     return
   old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -225,6 +230,12 @@ def train(workdir: str) -> dict:
       writer.close()
 
 
+def _write(bar: tqdm, message: str) -> None:
+  """A message above the progress bar, on process 0 only (like `log`)."""
+  if jax.process_index() == 0:
+    bar.write(message)
+
+
 def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
   """Steps from the state's step to num_steps, then the final eval, checkpoint, baseline and samples."""
   cfg, start = run.cfg, int(state["step"])
@@ -243,7 +254,7 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
         skipped = summary.get("skipped_steps", 0)
         summary.update(_log(writer, bar, step, pending, tokens, t_log))
         if summary["skipped_steps"] > skipped:
-          bar.write(f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
+          _write(bar, f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
                     f"loss or gradient ({int(summary['skipped_steps'])} in all)")
         _check_finite(cfg, int(summary["consecutive_skips"]), step)
         pending, tokens, t_log = [], 0, time.time()
@@ -251,7 +262,7 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
       if run.task.eval_source is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         eval_metrics = run.evaluate(state["params"])[0]
         writer.write(step, eval_metrics)
-        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+        _write(bar, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
       if step % cfg.checkpoint_every == 0:
         ckpt.save(run.manager, step, state, run.data_it, eval_metrics)
       bar.update(1)
