@@ -486,3 +486,19 @@ def test_eval_shards_of_unequal_length_yield_the_same_number_of_batches(tmp_path
       assert all(np.array_equal(got[k], want[k]) for k in want)
     assert all(not b["weights"].any() for b in batches[len(real[index]):])
   assert len(shard(0, 2)) == 2                      # a limit below the shard's length still cuts
+
+
+def test_processes_with_different_tokenizers_are_stopped(tmp_path, monkeypatch):
+  """Multi-process: a tokenizer that differs from process 0's is an error naming the problem."""
+  from jax.experimental import multihost_utils
+
+  from t_jax import data
+  from t_jax.training import tasks
+  sentences = [{"text": f"the {w} sat on the mat number {i}"} for i, w in enumerate(["cat", "dog", "cow"] * 6)]
+  tok = data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
+  monkeypatch.setattr(tasks.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)     # process 0 agrees
+  tasks._check_same_on_all_processes(tok)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x[::-1])
+  with pytest.raises(ValueError, match="tokenizer differs from process 0"):
+    tasks._check_same_on_all_processes(tok)

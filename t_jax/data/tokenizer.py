@@ -87,6 +87,11 @@ class Tokenizer:
     return cls(buf.getvalue(), num_extra_ids)
 
   @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model (what `path` holds)."""
+    return self._proto
+
+  @property
   def vocab_size(self) -> int:
     """SentencePiece pieces plus extra (sentinel) ids: the embedding table size."""
     return self.sp_vocab_size + self.num_extra_ids

@@ -87,7 +87,12 @@ def _preempted(stop: threading.Event, manager: Any, step: int) -> bool:
 
 
 def write_config(workdir: str) -> None:
-  """DIR/config.gin = the operative gin config; a different earlier one is kept as config.gin.N."""
+  """DIR/config.gin = the operative gin config; a different earlier one is kept as config.gin.N.
+
+  Written by process 0 only (every process has the same config; they would race on a shared workdir).
+  """
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, "config.gin")
   text = gin.operative_config_str()
   if os.path.exists(path):

@@ -12,6 +12,7 @@ configs/tasks/*.gin wire t_jax.data classes with gin references, e.g.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -111,7 +112,19 @@ def make_tokenizer(task: TaskConfig, model_cfg: ModelConfig, workdir: str) -> da
                                byte_fallback=task.tokenizer_byte_fallback)
   if tok.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but ModelConfig.vocab_size={model_cfg.vocab_size}")
+  _check_same_on_all_processes(tok)
   return tok
+
+
+def _check_same_on_all_processes(tok: data.Tokenizer) -> None:
+  """Every process trains or loads its own tokenizer: make sure they all hold process 0's model."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(tok.model_proto).digest(), np.uint8)
+  if not np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest):
+    raise ValueError(f"process {jax.process_index()}'s tokenizer differs from process 0's: give every process "
+                     "the same TaskConfig.tokenizer file (or the same training data)")
 
 
 def train_iterator(task: TaskConfig, tok: data.Tokenizer, batch_size: int, seed: int) -> Iterator[Batch]:
