@@ -1,15 +1,17 @@
 """Tests for t_jax.data: sources, tokenizer, objectives, packing and checkpointable iterators."""
 
+import glob
 import gzip
 import json
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from t_jax import data
-from t_jax.data import objectives
+from t_jax.data import objectives, sources
 
 MULTI30K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
 
@@ -71,9 +73,111 @@ def test_text_file_source_lines_files_and_gz(tmp_path):
 
 def test_undecodable_lines_skipped_and_counted(tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"good line\n\xff\xfe broken\nalso good\n\xc3\x28\n")
-  src = data.TextFileSource(str(tmp_path / "bad.txt"), max_chars=4)
-  assert [src[i]["text"] for i in range(len(src))] == ["good", "also"]
-  assert src.stats == {"documents": 2, "undecodable": 2, "truncated": 2}
+  src = data.TextFileSource(str(tmp_path / "bad.txt"), max_chars=4)  # indexed: lines decoded when read
+  assert [src[i] and src[i]["text"] for i in range(len(src))] == ["good", None, "also", None]
+  assert src.stats == {"documents": 4, "undecodable": 2, "truncated": 2}
+  _write_gz(tmp_path / "bad.txt.gz", (tmp_path / "bad.txt").read_bytes())
+  gz = data.TextFileSource(str(tmp_path / "bad.txt.gz"), max_chars=4)  # in memory: decoded up front
+  assert [gz[i]["text"] for i in range(len(gz))] == ["good", "also"]
+  assert gz.stats == {"documents": 2, "undecodable": 2, "truncated": 2}
+
+
+# Blank, whitespace-only (ASCII and U+2003), CRLF, invalid UTF-8, long and unterminated lines, empty files.
+LINE_FILES = {
+    "a.txt": b"first line\n\n\n   \n\t\r\nwindows line\r\n\r\n\xff\xfe broken\n" + b"long " * 30 + b"\n"
+             + "caf\u00e9 \u00fcber\n\u2003\nno newline at the end".encode(),
+    "b.txt": b"\n\nsecond file\n\xc3\x28\nend\n\n",
+    "c.txt": b"",
+    "d.txt": b"   ",
+}
+
+
+def _line_files(tmp_path, files=None):
+  for name, content in (files or LINE_FILES).items():
+    (tmp_path / name).write_bytes(content)
+  return str(tmp_path / "*.txt")
+
+
+def _reference_lines(pattern, max_chars=None):
+  """Documents of `pattern`'s files read the straightforward way: decode, strip, skip blank or bad lines."""
+  out = []
+  for path in sorted(glob.glob(pattern)):
+    with open(path, "rb") as f:
+      raw_lines = f.read().splitlines()
+    for raw in raw_lines:
+      try:
+        text = raw.decode().strip()
+      except UnicodeDecodeError:
+        continue
+      if text:
+        out.append(text[:max_chars])
+  return out
+
+
+def _documents(src):
+  return [ex["text"] for i in range(len(src)) if (ex := src[i]) is not None]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_indexed_text_source_matches_reference(tmp_path, monkeypatch, chunk):
+  monkeypatch.setattr(sources, "READ_CHUNK_BYTES", chunk)
+  pattern = _line_files(tmp_path)
+  src = data.TextFileSource(pattern, max_chars=20)
+  assert isinstance(src._examples, sources._FileLines)
+  docs = _documents(src)
+  assert docs == _reference_lines(pattern, max_chars=20)
+  assert docs[-3:] == ["no newline at the en", "second file", "end"] and "windows line" in docs
+  assert src.stats == {"documents": 10, "empty": 10, "undecodable": 2, "truncated": 2}
+  assert _documents(src) == docs and src.stats["truncated"] == 2  # rereading counts nothing twice
+  assert src[-1] == {"text": "end"} and repr(src).endswith("10 documents)")
+  with pytest.raises(IndexError):
+    src[len(src)]
+  for name, content in LINE_FILES.items():  # the same files gzipped are read into memory, counted up front
+    _write_gz(tmp_path / f"{name}.gz", content)
+  gz = data.TextFileSource(str(tmp_path / "*.gz"), max_chars=20)
+  assert _documents(gz) == docs and gz.stats == {"documents": 7, "empty": 10, "undecodable": 2, "truncated": 2}
+
+
+def test_indexed_text_source_threads_and_pickle(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "OPEN_FILES_PER_THREAD", 2)  # threads keep switching files
+  files = {f"{k}.txt": "".join(f"file {k} line {i}\n" + "\n" * (i % 3) for i in range(50)).encode()
+           for k in range(5)}
+  src = data.TextFileSource(_line_files(tmp_path, {**files, "x.txt": b"ok\n\xff\n"}))
+  sequential = [src[i] for i in range(len(src))]
+  order = np.random.default_rng(0).permutation(len(src)).tolist() * 2
+  with ThreadPoolExecutor(8) as pool:
+    threaded = list(pool.map(src.__getitem__, order))
+  assert threaded == [sequential[i] for i in order]
+  assert sequential.count(None) == 1 and src.stats == {"documents": 252, "empty": 245, "undecodable": 1}
+  copy = pickle.loads(pickle.dumps(src))  # after reads: open handles are not pickled
+  assert [copy[i] for i in range(len(copy))] == sequential and copy.stats == src.stats
+
+
+def test_indexed_text_source_holds_no_text(tmp_path):
+  line = "a fairly long line of text that the source must not keep in memory " * 4
+  (tmp_path / "big.txt").write_text(f"{line}\n" * 3000)
+  src = data.TextFileSource(str(tmp_path / "big.txt"))
+  assert len(src) == 3000 and src[1234] == {"text": line.strip()}
+  size = (tmp_path / "big.txt").stat().st_size
+  arrays = [v for v in vars(src._examples).values() if isinstance(v, np.ndarray)]
+  assert sum(a.nbytes for a in arrays) <= 17 * len(src) + 64  # per line, not per byte of text
+  assert len(pickle.dumps(src)) < 17 * len(src) + 2000 < size / 10
+
+
+def test_indexed_text_source_pipeline_and_tokenizer(tok, tmp_path):
+  lines = [s.encode() for s in SENTENCES]
+  (tmp_path / "a.txt").write_bytes(b"\n".join(lines[:6] + [b"\xff", "\u2003".encode(), b""]))
+  (tmp_path / "b.txt").write_bytes(b"\r\n".join([b"\xc3\x28", *lines[6:]]))
+  src = data.TextFileSource(str(tmp_path / "*.txt"))
+  assert len(src) == 15 and sum(src[i] is None for i in range(15)) == 3
+  batches = list(data.make_iterator(src, tok, data.CausalLM(seq_len=24, pack=False), batch_size=4,
+                                    train=False, num_threads=4))
+  rows = [r[w > 0] for b in batches for r, w in zip(b["targets"], b["weights"]) if w.any()]
+  assert sorted(tok.decode(r) for r in rows) == sorted(SENTENCES)
+  it = data.make_iterator(src, tok, data.CausalLM(seq_len=32), batch_size=4, seed=0)
+  assert all(next(it)["inputs"].shape == (4, 32) for _ in range(5))
+  small = data.Tokenizer.train(src, str(tmp_path / "t.model"), vocab_size=60)  # skips the None lines
+  assert small.decode(small.encode(SENTENCES[0])) == SENTENCES[0]
 
 
 def test_empty_sources_raise(tmp_path):

@@ -24,7 +24,8 @@ Sources (random access: `len(src)`, `src[i] -> dict[str, str] | None`; `src.stat
   PydocSource(split="train" | "validation", unit="paragraph" | "topic", validation_every=10)
   A source with no documents raises ValueError naming it; empty lines and undecodable (non UTF-8) lines
   are skipped and counted in `stats` ("empty", "undecodable"); max_chars truncates ("truncated").
-  File sources are read into memory once; TfdsSource reads lazily and only the records it is asked for.
+  Uncompressed line files are indexed once and read from disk per record (a bad line reads as None,
+  counted then); `.gz`, per-file and parallel text are read into memory. TfdsSource reads lazily.
 
 Tokenizer (SentencePiece):
   Tokenizer.train(source, path, vocab_size=8000, model_type="unigram" | "bpe", num_extra_ids=0,

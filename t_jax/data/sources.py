@@ -2,7 +2,8 @@
 
 Every source has `__len__` and `__getitem__(i) -> dict[str, str] | None` (grain's RandomAccessDataSource
 protocol), a `name` and `stats` (documents kept, lines skipped as empty/undecodable, documents truncated).
-`None` marks a record that was skipped lazily (only TfdsSource does that); grain filters it out.
+`None` marks a record that was skipped lazily (TfdsSource and indexed TextFileSource lines); grain filters
+it out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import threading
 import zlib
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 Example = dict[str, str]
+# Uncompressed line files are indexed reading this many bytes at a time (tests shrink it).
+READ_CHUNK_BYTES = 32 << 20
+# Each reading thread keeps at most this many files open.
+OPEN_FILES_PER_THREAD = 16
+# False for the ASCII bytes str.strip() removes: lines of only these are blank, dropped at index time.
+_NOT_BLANK = np.ones(256, bool)
+_NOT_BLANK[list(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")] = False
 
 
 class Counts:
@@ -68,6 +78,12 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def _documents(path: str, per_line: bool) -> list[bytes]:
+  """A whole file's documents, read into memory: its lines (bytes.splitlines) or the file itself."""
+  data = _read_bytes(path)
+  return data.splitlines() if per_line else [data]
+
+
 def _expand(patterns: str | Sequence[str], name: str) -> list[str]:
   """Sorted files matching glob patterns; ValueError naming the patterns when nothing matches."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -77,10 +93,103 @@ def _expand(patterns: str | Sequence[str], name: str) -> list[str]:
   return files
 
 
-class InMemorySource:
-  """A list of examples held in memory, with the counts gathered while building it."""
+def _index_lines(path: str, counts: Counts) -> tuple[np.ndarray, np.ndarray]:
+  """Start/end byte offsets of an uncompressed file's lines, in one chunked pass; ends exclude the b"\\n".
 
-  def __init__(self, examples: list[Example], name: str, counts: Counts | None = None) -> None:
+  Blank lines (only ASCII whitespace: b"", b"\\r", b"  ") are dropped and counted "empty".
+  """
+  starts, ends = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+  offset = line_start = blank = 0
+  pending = False  # whether the unfinished line since line_start has a non-blank byte yet
+  with open(path, "rb") as f:
+    while chunk := f.read(READ_CHUNK_BYTES):
+      data = np.frombuffer(chunk, np.uint8)
+      newlines = np.flatnonzero(data == ord("\n"))
+      cuts = np.concatenate([[0], newlines + 1])
+      pieces = cuts[cuts < len(data)]  # where this chunk's lines start; no tail after a final b"\n"
+      # content[j]: the j-th line's bytes in this chunk are not blank; content[-1]: the unfinished tail's
+      content = np.zeros(len(cuts), bool)
+      content[:len(pieces)] = np.logical_or.reduceat(_NOT_BLANK[data], pieces)
+      content[0] |= pending
+      bounds = np.concatenate([[line_start], offset + newlines + 1])
+      keep = content[:-1]
+      starts.append(bounds[:-1][keep])
+      ends.append(offset + newlines[keep])
+      blank += len(keep) - int(keep.sum())
+      offset, line_start, pending = offset + len(data), int(bounds[-1]), bool(content[-1])
+  if line_start < offset and pending:  # a last line without b"\n"
+    starts.append(np.array([line_start], np.int64))
+    ends.append(np.array([offset], np.int64))
+  blank += line_start < offset and not pending
+  if blank:
+    counts.add("empty", blank)
+  return np.concatenate(starts), np.concatenate(ends)
+
+
+class _Handles(dict):
+  """One thread's open files by file id, closed when the thread or the source goes."""
+
+  def __del__(self) -> None:
+    for f in self.values():
+      f.close()
+
+
+class _FileLines:
+  """Lines of uncompressed files as examples, read from disk on demand through a byte-offset index.
+
+  Holds 17 bytes per line (offsets and a counted flag), never the text. Each thread reads through its own
+  file handles. A line that turns out undecodable or whitespace-only gives None; skips and truncations
+  are counted once per line, when first read.
+  """
+
+  def __init__(self, files: list[str], key: str, max_chars: int | None, counts: Counts) -> None:
+    self.files, self.key, self.max_chars, self.counts = files, key, max_chars, counts
+    offsets = [_index_lines(path, counts) for path in files]
+    self._starts = np.concatenate([s for s, _ in offsets])
+    self._ends = np.concatenate([e for _, e in offsets])
+    self._file_ends = np.cumsum([len(s) for s, _ in offsets])  # line i is in the first file ending past i
+    self._counted = np.zeros(len(self._starts), bool)
+    self.__setstate__({})  # the thread-local file handles and the lock
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in vars(self).items() if k not in ("_local", "_lock")}  # no file handles
+
+  def __setstate__(self, state: dict) -> None:
+    vars(self).update(state)
+    self._local, self._lock = threading.local(), threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def _read(self, index: int) -> bytes:
+    """Bytes of line `index`, read through this thread's handle on its file."""
+    file = int(np.searchsorted(self._file_ends, index, side="right"))
+    handles = vars(self._local).setdefault("handles", _Handles())
+    if file not in handles:
+      if len(handles) >= OPEN_FILES_PER_THREAD:
+        handles.pop(next(iter(handles))).close()
+      handles[file] = open(self.files[file], "rb")
+    handles[file].seek(int(self._starts[index]))
+    return handles[file].read(int(self._ends[index] - self._starts[index]))
+
+  def __getitem__(self, index: int) -> Example | None:
+    index = range(len(self))[index]  # negative indices; IndexError past the end
+    found = Counts()
+    text = _decode(self._read(index), found, self.max_chars)
+    reasons = found.as_dict()
+    if reasons:  # counted once per line, however often it is read
+      with self._lock:
+        first, self._counted[index] = not self._counted[index], True
+      if first:
+        for reason, n in reasons.items():
+          self.counts.add(reason, n)
+    return None if text is None else {self.key: text}
+
+
+class InMemorySource:
+  """A sequence of examples (a list in memory, or file lines read on demand) and its counts."""
+
+  def __init__(self, examples: Sequence[Example | None], name: str, counts: Counts | None = None) -> None:
     self.name = name
     self.counts = counts or Counts()
     if not examples:
@@ -90,7 +199,7 @@ class InMemorySource:
   def __len__(self) -> int:
     return len(self._examples)
 
-  def __getitem__(self, index: int) -> Example:
+  def __getitem__(self, index: int) -> Example | None:
     return self._examples[index]
 
   @property
@@ -103,18 +212,26 @@ class InMemorySource:
 
 
 class TextFileSource(InMemorySource):
-  """Plain text files (glob patterns, `.gz` allowed): one document per line, or one per file."""
+  """Plain text files (glob patterns, `.gz` allowed): one document per line, or one per file.
+
+  Uncompressed files read one document per line are not held in memory: one chunked pass indexes each
+  line's byte offsets (17 bytes a line) and `source[i]` reads line i from disk. Lines end at "\\n" (a
+  "\\r" before it is stripped); blank lines are dropped and counted "empty" at index time, so
+  stats["documents"] counts the indexed lines; a line that turns out undecodable or (Unicode)
+  whitespace-only gives None and, like truncations, is counted once when first read (as TfdsSource).
+  `.gz` files (no random access) and per_line=False (one document per file) are read into memory: when
+  any matched file is `.gz`, or per_line=False, the whole source is (lines split with bytes.splitlines).
+  """
 
   def __init__(self, patterns: str | Sequence[str], *, per_line: bool = True, key: str = "text",
                max_chars: int | None = None) -> None:
     name = f"TextFileSource({patterns!r})"
-    counts = Counts()
-    examples = []
-    for path in _expand(patterns, name):
-      data = _read_bytes(path)
-      for raw in (data.splitlines() if per_line else [data]):
-        if (text := _decode(raw, counts, max_chars)) is not None:
-          examples.append({key: text})
+    files, counts = _expand(patterns, name), Counts()
+    if per_line and not any(path.endswith(".gz") for path in files):
+      examples = _FileLines(files, key, max_chars, counts)
+    else:
+      examples = [{key: text} for path in files for raw in _documents(path, per_line)
+                  if (text := _decode(raw, counts, max_chars)) is not None]
     super().__init__(examples, name, counts)
 
 

@@ -156,9 +156,12 @@ def _samples(cfg: TrainConfig, task: TaskConfig, model: nn.Module, params: Any, 
     return []
   source = task.eval_source if task.eval_source is not None else task.train_source
   key = task.objective.text_key if task.kind in LM_KINDS else task.objective.inputs_key
-  spread = (source[i * len(source) // (4 * cfg.num_samples)] for i in range(4 * cfg.num_samples))
-  texts = [d[key] for d in spread if d is not None and len(d[key]) > 8 * cfg.sample_prompt_len]  # room to go on
-  texts = (texts or [source[0][key]])[:cfg.num_samples]
+  spread = [source[i * len(source) // (4 * cfg.num_samples)] for i in range(4 * cfg.num_samples)]
+  spread = [d[key] for d in spread if d is not None]  # None: a record skipped when read
+  texts = [t for t in spread if len(t) > 8 * cfg.sample_prompt_len] or spread[:1]  # room to go on
+  texts = texts[:cfg.num_samples]
+  if not texts:
+    return []
   if task.kind in LM_KINDS:
     return sample.lm_samples(model, params, tok, texts, cfg.sample_prompt_len, cfg.sample_len, cfg.temperature,
                              cfg.seed)
