@@ -79,8 +79,17 @@ def _clip(x: Array, lo: Array, hi: Array) -> Array:
 Bounds = tuple[Array, Array, Array, Array]
 
 
-def _intersect(lo: Array, full_lo: Array, full_hi: Array, hi: Array, seg: Optional[Bounds]) -> Bounds:
+def _window(lo: Array, full_lo: Array, full_hi: Array, hi: Array, x0: Array, x1: Array, w: int, blk: int
+            ) -> Bounds:
+  """Narrows bounds over blocks of size `blk` to those within the window w of positions x0..x1 (symmetric)."""
+  return (jnp.maximum(lo, _div(x0 - w + 1, blk)), jnp.maximum(full_lo, _cdiv(x1 - w + 1, blk)),
+          jnp.minimum(full_hi, _div(x0 + w, blk)), jnp.minimum(hi, _cdiv(x1 + w, blk)))
+
+
+def _intersect(cfg: Config, lo: Array, full_lo: Array, full_hi: Array, hi: Array, seg: Optional[Bounds]
+               ) -> Bounds:
   """Narrows the bounds by the segment-id bounds `seg` (if any) and makes lo <= full_lo <= full_hi <= hi."""
+  assert cfg.has_segments == (seg is not None), "segment ids need their block bounds"
   if seg is not None:
     lo, full_lo = jnp.maximum(lo, seg[0]), jnp.maximum(full_lo, seg[1])
     full_hi, hi = jnp.minimum(full_hi, seg[2]), jnp.minimum(hi, seg[3])
@@ -109,13 +118,8 @@ def kv_range(cfg: Config, qi: Array, bq: int, bk: int, prefix: Optional[Array], 
       c_hi, c_full = jnp.maximum(c_hi, _cdiv(prefix, bk)), jnp.maximum(c_full, _div(prefix, bk))
     hi, full_hi = jnp.minimum(hi, c_hi), jnp.minimum(full_hi, c_full)
   if cfg.window is not None:
-    w = cfg.window
-    lo = jnp.maximum(lo, _div(q0 - w + 1, bk))
-    hi = jnp.minimum(hi, _cdiv(q1 + w, bk))
-    full_lo = jnp.maximum(full_lo, _cdiv(q1 - w + 1, bk))
-    full_hi = jnp.minimum(full_hi, _div(q0 + w, bk))
-  assert cfg.has_segments == (seg is not None), "segment ids need their block bounds"
-  return _intersect(lo, full_lo, full_hi, hi, seg)
+    lo, full_lo, full_hi, hi = _window(lo, full_lo, full_hi, hi, q0, q1, cfg.window, bk)
+  return _intersect(cfg, lo, full_lo, full_hi, hi, seg)
 
 
 def q_range(cfg: Config, kj: Array, bq: int, bk: int, prefix: Optional[Array], seg: Optional[Bounds] = None
@@ -133,15 +137,20 @@ def q_range(cfg: Config, kj: Array, bq: int, bk: int, prefix: Optional[Array], s
       c_full = jnp.where(k1 < prefix, 0, c_full)
     lo, full_lo = jnp.maximum(lo, c_lo), jnp.maximum(full_lo, c_full)
   if cfg.window is not None:
-    w = cfg.window
-    lo = jnp.maximum(lo, _div(k0 - w + 1, bq))
-    hi = jnp.minimum(hi, _cdiv(k1 + w, bq))
-    full_lo = jnp.maximum(full_lo, _cdiv(k1 - w + 1, bq))
-    full_hi = jnp.minimum(full_hi, _div(k0 + w, bq))
+    lo, full_lo, full_hi, hi = _window(lo, full_lo, full_hi, hi, k0, k1, cfg.window, bq)
   # A kv block holding padding columns always needs the mask.
   full_hi = jnp.where(k1 >= cfg.kv_len, lo, full_hi)
-  assert cfg.has_segments == (seg is not None), "segment ids need their block bounds"
-  return _intersect(lo, full_lo, full_hi, hi, seg)
+  return _intersect(cfg, lo, full_lo, full_hi, hi, seg)
+
+
+def segment_block_bounds(cfg: Config, q_seg: Optional[Array], kv_seg: Optional[Array], bq: int, bk: int,
+                         by_kv: bool = False) -> Optional[Array]:
+  """`segment_bounds` per q block (kv-block ranges) or, by_kv, per kv block; None without segment ids."""
+  if not cfg.has_segments:
+    return None
+  if by_kv:
+    return segment_bounds(kv_seg, q_seg, cfg.kv_len, cfg.q_len, bk, bq)
+  return segment_bounds(q_seg, kv_seg, cfg.q_len, cfg.kv_len, bq, bk)
 
 
 def _block_min_max(ids: Array, length: int, blk: int) -> tuple[Array, Array]:

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_bounds
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_block_bounds
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -105,13 +105,8 @@ def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Option
   The bounds take B * n_blocks * 4 int32 words of SMEM.
   """
   prefix = prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
-  if not cfg.has_segments:
-    return prefix, jnp.zeros((4,), jnp.int32)
-  if by_kv:
-    bounds = segment_bounds(kv_seg, q_seg, cfg.kv_len, cfg.q_len, bk, bq)
-  else:
-    bounds = segment_bounds(q_seg, kv_seg, cfg.q_len, cfg.kv_len, bq, bk)
-  return prefix, bounds.reshape(-1)
+  bounds = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv)
+  return prefix, jnp.zeros((4,), jnp.int32) if bounds is None else bounds.reshape(-1)
 
 
 def _bias_head(cfg: Config, b: Array, h: Array) -> tuple:

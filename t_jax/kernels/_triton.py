@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_bounds
+from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_block_bounds
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -47,7 +47,7 @@ def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
   """Splits kernel refs into (q, k, v, bias, q_seg, kv_seg, prefix, seg, rest...), None for absent ones.
 
   prefix is the loaded scalar; seg the loaded segment block bounds (a 4-tuple of scalars, see
-  `_blocks.segment_bounds`) of this program's block.
+  `_blocks.segment_block_bounds`) of this program's block.
   """
   refs = list(refs)
   q, k, v = refs[:3]
@@ -126,7 +126,7 @@ def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias
                   qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec) -> list:
   """In-specs of the inputs present: q, k, v, bias, segment ids, their block bounds, prefix.
 
-  The block bounds (`_seg_bounds`) hold one row per block of the grid's axis 0.
+  The block bounds (`segment_block_bounds`) hold one row per block of the grid's axis 0.
   """
   specs = [q_spec, kv_spec, kv_spec]
   if cfg.has_bias:
@@ -143,16 +143,6 @@ def _extra_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_s
   args = [bias] if cfg.has_bias else []
   args += [q_seg, kv_seg, seg_bounds] if cfg.has_segments else []
   return args + ([prefix] if cfg.has_prefix else [])
-
-
-def _seg_bounds(cfg: Config, q_seg: Optional[Array], kv_seg: Optional[Array], bq: int, bk: int,
-                by_kv: bool = False) -> Optional[Array]:
-  """Segment block bounds per q block (or, by_kv, per kv block); None without segment ids."""
-  if not cfg.has_segments:
-    return None
-  if by_kv:
-    return segment_bounds(kv_seg, q_seg, cfg.kv_len, cfg.q_len, bk, bq)
-  return segment_bounds(q_seg, kv_seg, cfg.q_len, cfg.kv_len, bq, bk)
 
 
 def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
@@ -182,7 +172,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
       interpret=cfg.interpret, compiler_params=_compiler_params(cfg, cfg.num_warps),
       name="flash_attention_fwd",
-  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, cfg.block_k)))
+  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, cfg.block_k)))
 
 
 # ---------------------------------------------------------------------------------------- backward
@@ -300,7 +290,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   in_specs += [pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0))]
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True))
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True))
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0))
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs),
@@ -310,7 +300,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(q, k, v, *extra, do, lse, delta)
 
   # dq (and the logits gradient for dbias): one program per (q block, batch, head).
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, _seg_bounds(cfg, q_seg, kv_seg, bq, bk))
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk))
   in_specs = _q_block_specs(cfg, bq, sk, d)
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
