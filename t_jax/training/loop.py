@@ -238,12 +238,6 @@ def train(workdir: str) -> dict:
       writer.close()
 
 
-def _write(bar: tqdm, message: str) -> None:
-  """A message above the progress bar, on process 0 only (like `log`)."""
-  if jax.process_index() == 0:
-    bar.write(message)
-
-
 def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
   """Steps from the state's step to num_steps, then the final eval, checkpoint, baseline and samples."""
   cfg, start = run.cfg, int(state["step"])
@@ -262,15 +256,15 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
         skipped = summary.get("skipped_steps", 0)
         summary.update(_log(writer, bar, step, pending, tokens, t_log))
         if summary["skipped_steps"] > skipped:
-          _write(bar, f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
-                    f"loss or gradient ({int(summary['skipped_steps'])} in all)")
+          log(f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
+              f"loss or gradient ({int(summary['skipped_steps'])} in all)")
         _check_finite(cfg, int(summary["consecutive_skips"]), step)
         pending, tokens, t_log = [], 0, time.time()
       eval_metrics = None
       if run.task.eval_source is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         eval_metrics = run.evaluate(state["params"])[0]
         writer.write(step, eval_metrics)
-        _write(bar, f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
       if step % cfg.checkpoint_every == 0:
         ckpt.save(run.manager, step, state, run.data_it, eval_metrics)
       bar.update(1)

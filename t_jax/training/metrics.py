@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 class MetricWriter:
@@ -56,6 +57,6 @@ def _truncate_after(path: str, step: int) -> None:
 
 
 def log(message: str) -> None:
-  """Prints on process 0 only (every process runs the same loop in a multi-host job)."""
+  """Prints on process 0 only (every process runs the same loop in a multi-host job), above any progress bar."""
   if jax.process_index() == 0:
-    print(message)
+    tqdm.write(message)
