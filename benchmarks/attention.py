@@ -17,11 +17,9 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -29,6 +27,8 @@ import jax.numpy as jnp
 import jaxlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _results import default_out  # noqa: E402  (benchmarks/, the script's directory)
 
 from t_jax.attention import attention  # noqa: E402
 
@@ -219,14 +219,8 @@ def main():
                              for d in args.head_dims.split(",")},
       flops_note="fwd = 4*B*H*S^2*D (x0.5 causal, x1/docs packed); fwd+bwd = 3.5 x fwd",
       matmul_bf16_tflops=mm, best_blocks=best, results=results)
-  path = args.out
-  if path is None:
-    name = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
-    if args.smoke:
-      path = os.path.join(tempfile.gettempdir(), f"attention_smoke_{name}.json")
-    else:
-      tag = "_sweep" if args.sweep_blocks else f"_docs{args.docs}" if args.docs > 1 else ""
-      path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"attention{tag}_{name}.json")
+  tag = "_sweep" if args.sweep_blocks else f"_docs{args.docs}" if args.docs > 1 else ""
+  path = args.out or default_out("attention", device, args.smoke, tag)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(out, f, indent=1)

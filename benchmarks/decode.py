@@ -22,15 +22,14 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import sys
-import tempfile
 import time
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _results import default_out  # benchmarks/, the script's directory
 
 from t_jax.inference import api
 from t_jax.models import ModelConfig, build_model, count_params, init_params
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     flax=flax.__version__, numpy=np.__version__),
       config=dataclasses.asdict(cfg), settings={k: v for k, v in vars(args).items() if k != "out"},
       bandwidth_bytes_per_s=bandwidth, throughput=rows, speculative=spec, goals=goals, smoke=args.smoke)
-  out = args.out or default_out(dev, args.smoke)
+  out = args.out or default_out("decode", dev.device_kind, args.smoke)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)
@@ -212,14 +211,6 @@ def check_goals(rows: list[dict], spec: list[dict]) -> dict:
   agreeing = [s["speedup"] for s in spec if s["setting"] == "agreeing" and s["batch"] == 1]
   return {"batch1_at_least_70pct_of_bound": bool(batch1) and batch1[0] >= 0.7,
           "speculative_at_least_2x_when_agreeing": bool(agreeing) and agreeing[0] >= 2.0}
-
-
-def default_out(dev: jax.Device, smoke: bool) -> str:
-  """benchmarks/results/decode_<device>.json, or the temp dir for smoke runs (never committed)."""
-  name = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_").lower()
-  if smoke:
-    return os.path.join(tempfile.gettempdir(), f"decode_smoke_{name}.json")
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"decode_{name}.json")
 
 
 if __name__ == "__main__":

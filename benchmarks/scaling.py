@@ -26,6 +26,8 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _results import default_out  # noqa: E402  (benchmarks/, the script's directory)
+
 from t_jax.sharding import distributed  # noqa: E402  (defines the --coordinator_address/... flags)
 
 MODEL = flags.DEFINE_string("model", "models/gpt2_small_tiny.gin", "Model gin file.")
@@ -160,8 +162,7 @@ def main(argv: list[str]) -> None:
                  "dtype": DTYPE.value, "gin_bindings": BINDINGS.value},
       "results": results,
   }
-  kind = device.device_kind.replace(" ", "_").lower()
-  out = OUT.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"scaling_{kind}.json")
+  out = OUT.value or default_out("scaling", device.device_kind)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(report, f, indent=1)
