@@ -461,13 +461,19 @@ def test_log_prints_on_process_0_only(monkeypatch, capsys):
   assert capsys.readouterr().out == "hello from 0\n"
 
 
+def _small_corpus(tmp_path):
+  """18 short documents and a SentencePiece model trained on them."""
+  from t_jax import data
+  sentences = [{"text": f"the {w} sat on the mat number {i}"} for i, w in enumerate(["cat", "dog", "cow"] * 6)]
+  return sentences, data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
+
+
 def test_eval_shards_of_unequal_length_yield_the_same_number_of_batches(tmp_path, monkeypatch):
   """Multi-process eval: a process whose shard runs out early pads with zero-weight batches up to
   TrainConfig.eval_batches, so every process runs the same number of collective eval steps."""
   from t_jax import data
   from t_jax.training import tasks
-  sentences = [{"text": f"the {w} sat on the mat number {i}"} for i, w in enumerate(["cat", "dog", "cow"] * 6)]
-  tok = data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
+  sentences, tok = _small_corpus(tmp_path)
   task = TaskConfig(objective=data.CausalLM(seq_len=8, pack=False), train_source=sentences,
                     eval_source=sentences[:5])
   monkeypatch.setattr(tasks.jax, "process_count", lambda: 2)
@@ -492,10 +498,8 @@ def test_processes_with_different_tokenizers_are_stopped(tmp_path, monkeypatch):
   """Multi-process: a tokenizer that differs from process 0's is an error naming the problem."""
   from jax.experimental import multihost_utils
 
-  from t_jax import data
   from t_jax.training import tasks
-  sentences = [{"text": f"the {w} sat on the mat number {i}"} for i, w in enumerate(["cat", "dog", "cow"] * 6)]
-  tok = data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
+  _, tok = _small_corpus(tmp_path)
   monkeypatch.setattr(tasks.jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)     # process 0 agrees
   tasks._check_same_on_all_processes(tok)
