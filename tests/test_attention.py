@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import t_jax
-from t_jax.attention import make_mask
+from t_jax.attention import Mask, api
 from tests.attention_reference import np_attention, np_mask
 
 CASES = {
@@ -63,9 +63,9 @@ def test_fully_masked_rows_are_zero_not_nan():
   assert np.abs(out[0, :2]).sum() > 0
 
 
-def test_make_mask_agrees_with_elementwise_rules():
+def test_dense_mask_agrees_with_elementwise_rules():
   qseg = np.array([[1, 1, 1, 2, 2, 0]])
-  got = make_mask(1, 6, 6, causal=True, q_segment_ids=qseg, kv_segment_ids=qseg, window=2, prefix_len=2)
+  got = Mask(causal=True, q_segment_ids=qseg, kv_segment_ids=qseg, window=2, prefix_len=2).dense(1, 6, 6)
   np.testing.assert_array_equal(np.asarray(got)[:, 0], np_mask(1, 6, 6, True, qseg, qseg, 2, 2))
 
 
@@ -97,3 +97,59 @@ def test_attention_dropout_needs_rng_and_is_reproducible():
   c = t_jax.attention(q, q, q)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
+
+
+BAD_MASKS = {  # Mask fields -> the field the error names; q is [1, 4, ...], k [1, 5, ...]
+    "segments_alone": (dict(q_segment_ids=np.ones((1, 4))), "q_segment_ids"),
+    "q_seg_shape": (dict(q_segment_ids=np.ones((1, 5)), kv_segment_ids=np.ones((1, 5))), "q_segment_ids"),
+    "kv_seg_shape": (dict(q_segment_ids=np.ones((1, 4)), kv_segment_ids=np.ones((2, 5))), "kv_segment_ids"),
+    "prefix_not_causal": (dict(prefix_len=2), "prefix_len"),
+    "prefix_shape": (dict(causal=True, prefix_len=np.ones((1, 2), np.int32)), "prefix_len"),
+    "window_zero": (dict(window=0), "window"),
+    "window_float": (dict(window=2.5), "window"),
+    "q_positions_shape": (dict(q_positions=np.ones((1, 5))), "q_positions"),
+    "kv_positions_shape": (dict(kv_positions=np.ones((3, 5))), "kv_positions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MASKS))
+def test_mask_names_each_bad_field(case):
+  """Each rule lives in Mask.validate; attention() reports the same error for the mask and keyword forms."""
+  fields, name = BAD_MASKS[case]
+  q, k = jnp.ones((1, 4, 2, 8)), jnp.ones((1, 5, 2, 8))
+  for call in (lambda: Mask(**fields).validate(q.shape, k.shape), lambda: t_jax.attention(q, k, k, **fields),
+               lambda: t_jax.attention(q, k, k, mask=Mask(**fields))):
+    with pytest.raises(ValueError, match=f"^{name} "):
+      call()
+
+
+def test_mask_argument_equals_keyword_form():
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32) for _ in range(2))
+  seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  for kw in (dict(causal=True, window=3, q_segment_ids=seg, kv_segment_ids=seg, prefix_len=np.array([2, 4])),
+             dict(causal=True, q_positions=jnp.arange(6)[None] + 2, kv_positions=jnp.arange(6)[None] - 1)):
+    np.testing.assert_array_equal(t_jax.attention(q, k, k, mask=Mask(**kw)), t_jax.attention(q, k, k, **kw))
+  with pytest.raises(ValueError, match="not both"):
+    t_jax.attention(q, k, k, mask=Mask(causal=True), window=2)
+
+
+def test_mask_is_a_pytree_through_jit():
+  seg = jnp.array([[1, 1, 2, 2, 2, 0]])
+  mask = Mask(causal=True, window=3, q_segment_ids=seg, kv_segment_ids=seg, prefix_len=jnp.array([2]))
+  assert len(jax.tree.leaves(mask)) == 3  # the arrays; causal and window are static
+  q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 2, 8)), jnp.float32)
+  attend = lambda q, mask: t_jax.attention(q, q, q, mask=mask)
+  np.testing.assert_allclose(jax.jit(attend)(q, mask), attend(q, mask), atol=1e-6)
+  np.testing.assert_array_equal(jax.jit(lambda m: m.dense(1, 6, 6))(mask), mask.dense(1, 6, 6))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_is_xla_until_the_device_kind_is_verified(backend, monkeypatch):
+  """'auto' picks Pallas only on a device kind in VERIFIED_PALLAS (admitted by a committed benchmark)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  q = jnp.ones((1, 16, 2, 16))
+  assert api._auto(q, q, Mask(causal=True), None) == "xla"
+  monkeypatch.setitem(api.VERIFIED_PALLAS, jax.devices()[0].device_kind, "benchmarks/results/<run>.json")
+  assert api._auto(q, q, Mask(causal=True), None) == "pallas"
+  assert api._auto(q, q, Mask(causal=True, kv_positions=jnp.arange(16)[None]), None) == "xla"  # not covered

@@ -5,6 +5,7 @@ Triton formulation and the Mosaic TPU one). Lowering tests check that the same k
 IR (CUDA) and Mosaic MLIR (TPU); compilation on real devices is not covered here.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t_jax.attention import attention, make_mask, xla_attention
+from t_jax.attention import Mask, attention, xla_attention
 from t_jax.kernels import flash_attention, supports
 from t_jax.kernels._blocks import Config, kv_range, q_range, segment_bounds
 from tests.attention_reference import np_attention, np_mask
@@ -49,22 +50,25 @@ def inputs(seed, b, sq, sk, h, hkv, d, dtype):
   return q, k, v, do
 
 
+MASK_FIELDS = {f.name for f in dataclasses.fields(Mask)}
+
+
 def _jitted(f, q, k, v, do, bias, kw):
-  """jit(f) with array-valued keyword arguments (segment ids, prefix lengths) passed as traced inputs."""
-  arrays = {n: x for n, x in kw.items() if isinstance(x, np.ndarray | jax.Array)}
-  static = {n: x for n, x in kw.items() if n not in arrays}
-  return jax.jit(lambda q, k, v, do, bias, arrays: f(q, k, v, do, bias, **static, **arrays))(
-      q, k, v, do, bias, arrays)
+  """jit(f) with the mask keywords as one Mask argument (its arrays traced) and the other keywords static."""
+  mask = Mask(**{n: x for n, x in kw.items() if n in MASK_FIELDS})
+  static = {n: x for n, x in kw.items() if n not in MASK_FIELDS}
+  run = jax.jit(lambda q, k, v, do, bias, mask: f(q, k, v, do, bias, mask, **static))
+  return run(q, k, v, do, bias, mask)
 
 
-def _kernel_vjp(q, k, v, do, bias, **kw):
+def _kernel_vjp(q, k, v, do, bias, mask, **kw):
   args = (q, k, v) if bias is None else (q, k, v, bias)
-  out, vjp = jax.vjp(lambda q, k, v, *b: flash_attention(q, k, v, bias=b[0] if b else None, **kw), *args)
+  f = lambda q, k, v, *b: flash_attention(q, k, v, mask=mask, bias=b[0] if b else None, **kw)
+  out, vjp = jax.vjp(f, *args)
   return out, vjp(do)
 
 
-def _xla_vjp(q, k, v, do, bias, **masks):
-  mask = make_mask(q.shape[0], q.shape[1], k.shape[1], **masks)
+def _xla_vjp(q, k, v, do, bias, mask):
   args = (q, k, v) if bias is None else (q, k, v, bias)
   f = lambda q, k, v, *b: xla_attention(q, k, v, bias=b[0] if b else None, mask=mask,
                                         scale=1 / math.sqrt(q.shape[-1]))
@@ -78,7 +82,7 @@ def run_kernel(q, k, v, do, bias=None, **kw):
 
 
 def run_xla(q, k, v, do, bias=None, **masks):
-  """The same from the XLA reference (make_mask + xla_attention)."""
+  """The same from the XLA reference (xla_attention)."""
   return _jitted(_xla_vjp, q, k, v, do, bias, masks)
 
 
@@ -352,7 +356,7 @@ def test_attention_api_dispatches_to_the_kernel(monkeypatch):
   f = lambda impl: jax.value_and_grad(
       lambda q, k, v: (attention(q, k, v, implementation=impl, **masks) * do).sum(), (0, 1, 2))
   (lp, gp), (lx, gx) = f("pallas")(q, k, v), f("xla")(q, k, v)
-  assert len(calls) == 1 and calls[0]["window"] == 20 and calls[0]["causal"]
+  assert len(calls) == 1 and calls[0]["mask"].window == 20 and calls[0]["mask"].causal
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
   for a, bb in zip(gp, gx):
     np.testing.assert_allclose(a, bb, atol=1e-4)
@@ -433,9 +437,9 @@ def test_model_config_reaches_the_kernel(monkeypatch):
 def test_custom_softmax_scale(backend, scale):
   """scale= replaces 1/sqrt(head_dim) in the output and in every gradient (T5 uses scale 1)."""
   q, k, v, do = inputs(11, 2, 40, 40, 4, 2, 16, jnp.float32)
-  kernel = lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=True, block_q=16, block_k=16,
+  mask = Mask(causal=True)
+  kernel = lambda q, k, v: flash_attention(q, k, v, mask=mask, scale=scale, block_q=16, block_k=16,
                                            backend=backend)
-  mask = make_mask(2, 40, 40, causal=True)
   out, vjp = jax.vjp(kernel, q, k, v)
   ref, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, bias=None, mask=mask, scale=scale), q, k, v)
   np.testing.assert_allclose(out, ref, atol=2e-5)
@@ -445,28 +449,29 @@ def test_custom_softmax_scale(backend, scale):
 
 def test_jit_matches_eager():
   q, k, v, _ = inputs(8, 1, 40, 40, 2, 2, 16, jnp.float32)
-  f = lambda q, k, v: flash_attention(q, k, v, causal=True, window=12, block_q=16, block_k=16)
+  f = lambda q, k, v: flash_attention(q, k, v, mask=Mask(causal=True, window=12), block_q=16, block_k=16)
   np.testing.assert_array_equal(jax.jit(f)(q, k, v), f(q, k, v))
 
 
 def test_supports_and_errors():
   q, k, _, _ = inputs(0, 1, 32, 32, 4, 2, 16, jnp.float32)
-  assert supports(q, k, causal=True, window=4, prefix_len=3)
+  assert supports(q, k, Mask(causal=True, window=4, prefix_len=3))
   assert supports(q, k, bias=jnp.zeros((4, 32, 32)))
-  assert not supports(q, k, bias=jnp.zeros((3, 32, 32)))                     # does not broadcast
+  assert not supports(q, k, bias=jnp.zeros((3, 32, 32)))                           # does not broadcast
   assert not supports(q.astype(jnp.float64) if jax.config.x64_enabled else q.astype(jnp.int32), k)
-  assert not supports(jnp.zeros((1, 8, 4, 512)), jnp.zeros((1, 8, 2, 512)))  # head_dim > 256
-  assert not supports(q, k, q_segment_ids=jnp.zeros((1, 32), jnp.int32))     # kv ids missing
-  assert not supports(q, k, prefix_len=3)                                    # prefix without causal
-  assert not supports(jnp.zeros((1, 32, 3, 16)), k)                          # 3 heads vs 2 kv heads
+  assert not supports(jnp.zeros((1, 8, 4, 512)), jnp.zeros((1, 8, 2, 512)))        # head_dim > 256
+  assert not supports(q, k, Mask(q_segment_ids=jnp.zeros((1, 32), jnp.int32)))     # kv ids missing
+  assert not supports(q, k, Mask(prefix_len=3))                                    # prefix without causal
+  assert not supports(q, k, Mask(causal=True, kv_positions=jnp.arange(32)[None]))  # positions: XLA only
+  assert not supports(jnp.zeros((1, 32, 3, 16)), k)                                # 3 heads vs 2 kv heads
   with pytest.raises(NotImplementedError):
     flash_attention(q.astype(jnp.int32), k.astype(jnp.int32), k.astype(jnp.int32))
   with pytest.raises(ValueError, match="powers of two"):
     flash_attention(q, k, k, block_q=24)
   with pytest.raises(ValueError, match="window"):
-    flash_attention(q, k, k, window=0)
+    flash_attention(q, k, k, mask=Mask(window=0))
   with pytest.raises(ValueError, match="prefix_len"):
-    flash_attention(q, k, k, prefix_len=2)
+    flash_attention(q, k, k, mask=Mask(prefix_len=2))
   with pytest.raises(ValueError, match="backend"):
     flash_attention(q, k, k, backend="cuda")
   with pytest.raises(ValueError, match=">= 16"):
@@ -486,8 +491,8 @@ def test_kernels_lower_for_real_devices(backend, platform, marker, d):
   seg = s((b, sq), jnp.int32)
 
   def loss(q, k, v, bias, seg, prefix):
-    o = flash_attention(q, k, v, bias=bias, causal=True, window=100, prefix_len=prefix, q_segment_ids=seg,
-                        kv_segment_ids=seg, backend=backend, interpret=False)
+    mask = Mask(causal=True, window=100, prefix_len=prefix, q_segment_ids=seg, kv_segment_ids=seg)
+    o = flash_attention(q, k, v, mask=mask, bias=bias, backend=backend, interpret=False)
     return o.astype(jnp.float32).sum()
 
   args = (s((b, sq, h, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16),

@@ -1,63 +1,85 @@
-"""Mask descriptions -> boolean masks. Shared by the XLA reference and the kernel tests."""
+"""`Mask`: one description of which keys each query sees, validated once. No upward imports."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 Array = jnp.ndarray
 
 
-def default_positions(batch: int, length: int, offset: int = 0) -> Array:
-  """Positions 0..length-1 (plus offset) for every row, shape [batch, length]."""
-  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+def check_shapes(q: Array, k: Array, v: Array) -> None:
+  """ValueError unless q [b, sq, h, d], k [b, sk, hkv, d], v [b, sk, hkv, dv] with h % hkv == 0."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"k and v must agree in batch, seq and heads; got {k.shape}, {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"q and k must agree in batch and head_dim; got {q.shape}, {k.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
 
 
-def make_mask(
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    *,
-    causal: bool = False,
-    q_segment_ids: Optional[Array] = None,
-    kv_segment_ids: Optional[Array] = None,
-    prefix_len: Optional[Array | int] = None,
-    window: Optional[int] = None,
-    q_positions: Optional[Array] = None,
-    kv_positions: Optional[Array] = None,
-) -> Optional[Array]:
-  """Boolean mask [batch, 1, q_len, kv_len] (True = attend), or None when nothing is masked.
+def _broadcasts(shape: tuple[int, ...], full: tuple[int, ...]) -> bool:
+  return len(shape) <= len(full) and all(n in (1, f) for n, f in zip(shape[::-1], full[::-1]))
 
-  Rules, all combined with AND:
-    causal:       kv_pos <= q_pos, or kv_pos < prefix_len (prefix-LM: bidirectional prefix)
-    segment ids:  q_segment == kv_segment (packing); id 0 marks padding
-    window:       |q_pos - kv_pos| < window (sliding window)
-  Positions default to 0..len-1; decoding passes absolute positions of the cache slots
-  (a negative kv position marks an empty cache slot, never attended).
+
+@struct.dataclass
+class Mask:
+  """Which keys each query attends to: every rule given, combined with AND.
+
+    causal:       kv_pos <= q_pos, or kv_pos < prefix_len (prefix-LM; an int or a [batch] array)
+    segment ids:  q_segment == kv_segment, both [batch, seq] (packing); id 0 marks padding
+    window:       |q_pos - kv_pos| < window (sliding window; a static int >= 1)
+  Positions default to 0..len-1; KV-cache decoding passes absolute positions (broadcastable to
+  [batch, seq]), a negative kv position marking an empty cache slot. A pytree: the arrays are leaves,
+  `causal` and `window` static.
   """
-  if prefix_len is not None and not causal:
-    raise ValueError("prefix_len only has a meaning with causal=True (prefix-LM).")
-  if not (causal or window is not None or q_segment_ids is not None
-          or kv_segment_ids is not None or kv_positions is not None):
-    return None
-  qp = default_positions(batch, q_len) if q_positions is None else q_positions
-  kp = default_positions(batch, kv_len) if kv_positions is None else kv_positions
-  qp = jnp.broadcast_to(qp, (batch, q_len))[:, :, None]
-  kp = jnp.broadcast_to(kp, (batch, kv_len))[:, None, :]
-  mask = jnp.broadcast_to(kp >= 0, (batch, q_len, kv_len))
-  if causal:
-    allowed = kp <= qp
-    if prefix_len is not None:
-      pl = jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (batch,))[:, None, None]
-      allowed = allowed | (kp < pl)
-    mask = mask & allowed
-  if window is not None:
-    if window < 1:
-      raise ValueError(f"window must be >= 1, got {window}")
-    mask = mask & (jnp.abs(qp - kp) < window)
-  if q_segment_ids is not None or kv_segment_ids is not None:
-    if q_segment_ids is None or kv_segment_ids is None:
-      raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-    mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-  return mask[:, None]
+  causal: bool = struct.field(pytree_node=False, default=False)
+  window: Optional[int] = struct.field(pytree_node=False, default=None)
+  q_segment_ids: Optional[Array] = None
+  kv_segment_ids: Optional[Array] = None
+  prefix_len: Optional[Array | int] = None
+  q_positions: Optional[Array] = None
+  kv_positions: Optional[Array] = None
+
+  def validate(self, q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> Mask:
+    """Returns self, or raises ValueError naming the bad field; shapes start [batch, seq]."""
+    (b, sq), sk = q_shape[:2], k_shape[1]
+    if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
+      raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    for name, n in [("q_segment_ids", sq), ("kv_segment_ids", sk), ("q_positions", sq), ("kv_positions", sk)]:
+      x, full, exact = getattr(self, name), (b, n), name.endswith("segment_ids")
+      if x is not None and np.shape(x) != full and (exact or not _broadcasts(np.shape(x), full)):
+        raise ValueError(f"{name} must be {'' if exact else 'broadcastable to '}[batch, seq] = {full}; "
+                         f"got shape {np.shape(x)}")
+    if self.prefix_len is not None and not self.causal:
+      raise ValueError("prefix_len only has a meaning with causal=True (prefix-LM)")
+    if self.prefix_len is not None and np.shape(self.prefix_len) not in ((), (b,)):
+      raise ValueError(f"prefix_len must be an int or a [batch] array; got shape {np.shape(self.prefix_len)}")
+    if self.window is not None and (not isinstance(self.window, int | np.integer) or self.window < 1):
+      raise ValueError(f"window must be a static int >= 1; got {self.window!r}")
+    return self
+
+  def dense(self, batch: int, q_len: int, kv_len: int) -> Optional[Array]:
+    """Boolean [batch, 1, q_len, kv_len] (True = attend), or None when nothing is masked."""
+    if not (self.causal or self.window is not None or self.q_segment_ids is not None
+            or self.kv_positions is not None):
+      return None
+    pos = lambda p, n: jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) if p is None else p, (batch, n))
+    qp, kp = pos(self.q_positions, q_len)[:, :, None], pos(self.kv_positions, kv_len)[:, None, :]
+    mask = jnp.broadcast_to(kp >= 0, (batch, q_len, kv_len))
+    if self.causal:
+      allowed = kp <= qp
+      if self.prefix_len is not None:
+        prefix = jnp.broadcast_to(jnp.asarray(self.prefix_len, jnp.int32), (batch,))
+        allowed = allowed | (kp < prefix[:, None, None])
+      mask = mask & allowed
+    if self.window is not None:
+      mask = mask & (jnp.abs(qp - kp) < self.window)
+    if self.q_segment_ids is not None:
+      mask = mask & (self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :])
+    return mask[:, None]

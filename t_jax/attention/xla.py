@@ -7,15 +7,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from t_jax.attention.masks import Mask
+
 Array = jnp.ndarray
 
 
-def xla_attention(q: Array, k: Array, v: Array, *, bias: Optional[Array], mask: Optional[Array],
+def xla_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias: Optional[Array] = None,
                   scale: float, dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
   """softmax(q k^T * scale + bias, masked) v with GQA by grouping; fully masked rows give 0."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
+  mask = None if mask is None else mask.dense(b, sq, k.shape[1])
   qg = q.reshape(b, sq, hkv, g, d)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:

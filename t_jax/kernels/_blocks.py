@@ -1,4 +1,4 @@
-"""Static kernel configuration, block ranges for skipping masked blocks, and the in-block mask.
+"""Static kernel configuration and shared tile math, block ranges for skipping masked blocks, in-block mask.
 
 Shared by the Triton (GPU, also run in interpret mode on CPU) and Mosaic TPU kernels. The range
 helpers take int32 scalars (or arrays, elementwise) and use only min/max/non-negative division, which
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+_F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,26 @@ class Config:
     """Whether any rule (or kv padding) can mask an entry."""
     return (self.causal or self.window is not None or self.has_segments
             or self.kv_len != self.kv_len_padded)
+
+  def dot(self, a: Array, b: Array, ca: int, cb: int) -> Array:
+    """a·b contracting dim `ca` of a with dim `cb` of b, accumulated in f32."""
+    prec = lax.Precision.HIGHEST if self.exact_f32 else None
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=_F32)
+
+  def bias_index(self, b: Array, h: Array) -> tuple:
+    """The (batch, head) block index into the bias: 0 along a broadcast dim."""
+    return (b if self.bias_batch else 0, h if self.bias_heads else 0)
+
+  def probs_and_ds(self, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+                   bias: Optional[Array], mask: Optional[Array]) -> tuple[Array, Array]:
+    """Recomputes a tile's probabilities p and ds = dL/dlogits = p * (dO v^T - delta); lse, delta [bq, 1]."""
+    s = self.dot(q, k, 1, 1) * self.scale
+    if bias is not None:
+      s = s + bias.astype(_F32)
+    p = jnp.exp(s - lse)
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    return p, p * (self.dot(do, v, 1, 1) - delta)
 
 
 def idiv(x: Array, d: int) -> Array:

@@ -3,8 +3,8 @@
 Tensors are transposed to [batch, heads, seq, head_dim] so each tile is a plain 2-D VMEM block; the
 online-softmax state lives in VMEM scratch across the reduction axis. Skipped (fully masked) steps do
 no compute, and their index maps are clamped into the visited range so the pipeline issues no new DMA
-(the grid step itself remains). GQA: index maps read kv head idiv(h, g)roup; the dk/dv kernel's reduction
-axis walks (query head of the group, q block), so k/v are never repeated.
+(the grid step itself remains). GQA: index maps read kv head h // group (`idiv`); the dk/dv kernel's
+reduction axis walks (query head of the group, q block), so k/v are never repeated.
 
 Verified here: interpret mode on CPU (numerics, every mask kind) and lowering to Mosaic MLIR through
 `jax.jit(...).lower(lowering_platforms=("tpu",))`. Not verified: Mosaic compilation and speed on a TPU
@@ -26,11 +26,6 @@ from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, s
 
 Array = jax.Array
 _F32 = jnp.float32
-
-
-def _dot(cfg: Config, a: Array, b: Array, ca: int, cb: int) -> Array:
-  prec = lax.Precision.HIGHEST if cfg.exact_f32 else None
-  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=_F32)
 
 
 def _params(cfg: Config) -> Optional[pltpu.CompilerParams]:
@@ -109,10 +104,6 @@ def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Option
   return prefix, jnp.zeros((4,), jnp.int32) if bounds is None else bounds.reshape(-1)
 
 
-def _bias_head(cfg: Config, b: Array, h: Array) -> tuple:
-  return (b if cfg.bias_batch else 0, h if cfg.bias_heads else 0)
-
-
 def _to_bhsd(x: Array) -> Array:
   return jnp.swapaxes(x, 1, 2)
 
@@ -141,7 +132,7 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object)
     acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
 
   def compute(masked: bool) -> None:
-    s = _dot(cfg, q_ref[...], k_ref[...], 1, 1) * cfg.scale
+    s = cfg.dot(q_ref[...], k_ref[...], 1, 1) * cfg.scale
     if bias_ref is not None:
       s = s + bias_ref[...].astype(_F32)
     if masked:
@@ -152,7 +143,7 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object)
     p = jnp.exp(s - shift)
     alpha = jnp.exp(m_prev - shift)
     l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + _dot(cfg, p.astype(v_ref.dtype), v_ref[...], 1, 0)
+    acc_sc[...] = acc_sc[...] * alpha + cfg.dot(p.astype(v_ref.dtype), v_ref[...], 1, 0)
     m_sc[...] = m_new
 
   _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
@@ -178,7 +169,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))]
   if cfg.has_bias:
     in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
-        *_bias_head(cfg, bb, hh), i, kblk(bb, i, j, *r))))
+        *cfg.bias_index(bb, hh), i, kblk(bb, i, j, *r))))
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
                  pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
@@ -199,17 +190,6 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
 # ---------------------------------------------------------------------------------------- backward
 
 
-def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
-                  bias: Optional[Array], mask: Optional[Array]) -> tuple[Array, Array]:
-  s = _dot(cfg, q, k, 1, 1) * cfg.scale
-  if bias is not None:
-    s = s + bias.astype(_F32)
-  p = jnp.exp(s - lse)
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-  return p, p * (_dot(cfg, do, v, 1, 1) - delta)
-
-
 def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
    dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(cfg, refs)
@@ -228,9 +208,9 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object
     mask = _tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix) if masked else None
     bias = bias_ref[...] if bias_ref is not None else None
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_ds(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], bias, mask)
-    dv_sc[...] += _dot(cfg, p.astype(do.dtype), do, 0, 0)
-    dk_sc[...] += _dot(cfg, ds.astype(q.dtype), q, 0, 0)
+    p, ds = cfg.probs_and_ds(q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], bias, mask)
+    dv_sc[...] += cfg.dot(p.astype(do.dtype), do, 0, 0)
+    dk_sc[...] += cfg.dot(ds.astype(q.dtype), q, 0, 0)
 
   _when_visited(cfg, qi, _q_bounds(cfg, bq, bk)(kj, b, prefix_ref, seg_ref), compute)
 
@@ -259,11 +239,10 @@ def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: objec
     mask = _tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix) if masked else None
     bias = bias_ref[...] if bias_ref is not None else None
     k = k_ref[...]
-    _, ds = _probs_and_ds(cfg, q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                          bias, mask)
+    _, ds = cfg.probs_and_ds(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], bias, mask)
     if dbias_ref is not None:
       dbias_ref[...] = ds
-    dq_sc[...] += _dot(cfg, ds.astype(k.dtype), k, 1, 0)
+    dq_sc[...] += cfg.dot(ds.astype(k.dtype), k, 1, 0)
 
   _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
 
@@ -294,7 +273,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   in_specs = [qspec, kvspec, kvspec]
   if cfg.has_bias:
     in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hk, j, t, *r: (
-        *_bias_head(cfg, bb, qhead(hk, t)), qblk(bb, j, t, *r), j)))
+        *cfg.bias_index(bb, qhead(hk, t)), qblk(bb, j, t, *r), j)))
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hk, j, t, *r: (bb, qblk(bb, j, t, *r), 0)),
                  pl.BlockSpec((None, 1, bk), lambda bb, hk, j, t, *r: (bb, 0, j))]
@@ -317,7 +296,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   in_specs = [qspec, kvspec, kvspec]
   if cfg.has_bias:
     in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
-        *_bias_head(cfg, bb, hh), i, kblk(bb, i, j, *r))))
+        *cfg.bias_index(bb, hh), i, kblk(bb, i, j, *r))))
   if cfg.has_segments:
     in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
                  pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]

@@ -2,8 +2,8 @@
 
 Layout: q/k/v stay [batch, seq, heads, head_dim] (no transposes); each program handles one block of one
 head, and loops over the other sequence with `lax.fori_loop`, loading kv (or q) tiles with `pl.ds`. GQA
-reads kv head idiv(h, g)roup in the index maps (k/v are never repeated); the dk/dv kernel runs per kv head
-and loops over the query heads of its group, so no reduction over repeated heads is needed afterwards.
+reads kv head h // group (`idiv`) in the index maps (k/v are never repeated); the dk/dv kernel runs per kv
+head and loops over the query heads of its group, so no reduction over repeated heads is needed afterwards.
 
 Every loop is split into masked / fully visible / masked ranges (see `_blocks.kv_range`): fully masked
 blocks (by causality, window, prefix or segment ids) are not visited at all and fully visible ones skip
@@ -28,12 +28,6 @@ from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, s
 
 Array = jax.Array
 _F32 = jnp.float32
-
-
-def _dot(cfg: Config, a: Array, b: Array, ca: int, cb: int) -> Array:
-  """a·b contracting dim `ca` of a with dim `cb` of b, accumulated in f32."""
-  prec = lax.Precision.HIGHEST if cfg.exact_f32 else None
-  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=_F32)
 
 
 def _compiler_params(cfg: Config, num_warps: int) -> Optional[object]:
@@ -94,7 +88,7 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
       start = pl.multiple_of(j * bk, bk)
       k = k_ref[pl.ds(start, bk), :]
       v = v_ref[pl.ds(start, bk), :]
-      s = _dot(cfg, q, k, 1, 1) * cfg.scale
+      s = cfg.dot(q, k, 1, 1) * cfg.scale
       if bias_ref is not None:
         s = s + bias_ref[:, pl.ds(start, bk)].astype(_F32)
       if masked:
@@ -106,7 +100,7 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
       p = jnp.exp(s - shift[:, None])
       alpha = jnp.exp(m - shift)
       den = den * alpha + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + _dot(cfg, p.astype(v.dtype), v, 1, 0)
+      acc = acc * alpha[:, None] + cfg.dot(p.astype(v.dtype), v, 1, 0)
       return acc, m_new, den
     return step
 
@@ -116,10 +110,6 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
   empty = den == 0.0  # fully masked rows: output 0, lse +inf (so backward gets p = 0)
   o_ref[...] = (acc / jnp.where(empty, 1.0, den)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
-
-
-def _bias_index(cfg: Config, b: Array, h: Array) -> tuple:
-  return (b if cfg.bias_batch else 0, h if cfg.bias_heads else 0)
 
 
 def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias_spec: pl.BlockSpec,
@@ -152,7 +142,7 @@ def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
       cfg,
       pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
       pl.BlockSpec((None, sk, None, d), lambda i, b, h: (b, 0, idiv(h, g), 0)),
-      pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*_bias_index(cfg, b, h), i, 0)),
+      pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*cfg.bias_index(b, h), i, 0)),
       pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
       pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
       pl.BlockSpec((None,), lambda i, b, h: (b,)))
@@ -176,19 +166,6 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
 
 
 # ---------------------------------------------------------------------------------------- backward
-
-
-def _probs_and_ds(cfg: Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
-                  bias: Optional[Array], mask: Optional[Array]) -> tuple[Array, Array]:
-  """Recomputes p = softmax probabilities of one tile and ds = dL/dlogits = p * (dO v^T - delta)."""
-  s = _dot(cfg, q, k, 1, 1) * cfg.scale
-  if bias is not None:
-    s = s + bias.astype(_F32)
-  p = jnp.exp(s - lse[:, None])
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-  dp = _dot(cfg, do, v, 1, 1)
-  return p, p * (dp - delta[:, None])
 
 
 def _dkdv_kernel(cfg: Config, *refs: object) -> None:
@@ -215,10 +192,10 @@ def _dkdv_kernel(cfg: Config, *refs: object) -> None:
         if masked:
           q_seg = qseg_ref[pl.ds(start, bq)][:, None] if qseg_ref is not None else None
           mask = block_mask(cfg, _positions(start, bq)[:, None], kv_pos, q_seg, kv_seg, prefix)
-        p, ds = _probs_and_ds(cfg, q, k, v, do, lse_ref[hg, pl.ds(start, bq)],
-                              delta_ref[hg, pl.ds(start, bq)], bias, mask)
-        dv = dv + _dot(cfg, p.astype(do.dtype), do, 0, 0)
-        dk = dk + _dot(cfg, ds.astype(q.dtype), q, 0, 0)
+        p, ds = cfg.probs_and_ds(q, k, v, do, lse_ref[hg, pl.ds(start, bq)][:, None],
+                                 delta_ref[hg, pl.ds(start, bq)][:, None], bias, mask)
+        dv = dv + cfg.dot(p.astype(do.dtype), do, 0, 0)
+        dk = dk + cfg.dot(ds.astype(q.dtype), q, 0, 0)
         return dk, dv
       return step
     return _phased_loop(cfg, bounds, body, carry)
@@ -236,7 +213,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
   dbias_ref = dbias_ref[0] if need_dbias else None
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   qi = pl.program_id(0)
-  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...][:, None], delta_ref[...][:, None]
   q_pos = _positions(qi * bq, bq)[:, None]
   q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
 
@@ -250,10 +227,10 @@ def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
       if masked:
         kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
         mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
-      _, ds = _probs_and_ds(cfg, q, k, v, do, lse, delta, bias, mask)
+      _, ds = cfg.probs_and_ds(q, k, v, do, lse, delta, bias, mask)
       if dbias_ref is not None:
         dbias_ref[:, pl.ds(start, bk)] = ds
-      return dq + _dot(cfg, ds.astype(k.dtype), k, 1, 0)
+      return dq + cfg.dot(ds.astype(k.dtype), k, 1, 0)
     return step
 
   bounds = kv_range(cfg, qi, bq, bk, prefix, seg)
@@ -283,7 +260,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
       cfg,
       pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
       pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0)),
-      pl.BlockSpec((None, gb, sq, bk), lambda j, b, hk: (*_bias_index(cfg, b, hk), 0, j)),
+      pl.BlockSpec((None, gb, sq, bk), lambda j, b, hk: (*cfg.bias_index(b, hk), 0, j)),
       pl.BlockSpec((None, sq), lambda j, b, hk: (b, 0)),
       pl.BlockSpec((None, bk), lambda j, b, hk: (b, j)),
       pl.BlockSpec((None,), lambda j, b, hk: (b,)))

@@ -1,7 +1,7 @@
 """Flash attention (FlashAttention-2: tiled, online softmax, log-sum-exp residual) under `jax.custom_vjp`.
 
-Semantics match `t_jax.attention.make_mask` + `xla_attention`: q [B, Sq, H, D], k/v [B, Sk, Hkv, D],
-masks = causal (optionally prefix-LM) AND segment-id equality AND sliding window, optional additive
+Semantics match `xla_attention`: q [B, Sq, H, D], k/v [B, Sk, Hkv, D], a `t_jax.attention.Mask` (causal,
+optionally prefix-LM, AND segment ids AND sliding window; no explicit positions), optional additive
 bias broadcastable to [B, H, Sq, Sk]; fully masked rows give 0 output and 0 gradients.
 
 Backends: "triton" (GPU; also the formulation run in interpret mode on CPU) and "mosaic_tpu" (TPU).
@@ -18,9 +18,8 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from t_jax.attention.api import check_shapes
+from t_jax.attention.masks import Mask, check_shapes
 from t_jax.kernels import _triton
 from t_jax.kernels._blocks import Config
 
@@ -68,10 +67,10 @@ def _bias_shape(bias: Array, b: int, h: int, sq: int, sk: int) -> tuple[int, ...
   return shape
 
 
-def _check(q: Array, k: Array, v: Array, bias: Optional[Array], causal: bool, q_segment_ids: Optional[Array],
-           kv_segment_ids: Optional[Array], prefix_len: Optional[Array | int], window: Optional[int]) -> None:
+def _check(q: Array, k: Array, v: Array, mask: Mask, bias: Optional[Array]) -> None:
   """Raises ValueError (bad arguments) or NotImplementedError (valid but unsupported by the kernels)."""
   check_shapes(q, k, v)
+  mask.validate(q.shape, k.shape)
   if k.shape != v.shape:
     raise ValueError(f"the kernels need k and v of one shape; got {k.shape}, {v.shape}")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
@@ -79,29 +78,20 @@ def _check(q: Array, k: Array, v: Array, bias: Optional[Array], causal: bool, q_
                               f"{q.dtype}, {k.dtype}, {v.dtype}")
   if q.shape[3] > MAX_HEAD_DIM:
     raise NotImplementedError(f"head_dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
-  if q_segment_ids is not None and (q_segment_ids.shape != q.shape[:2] or kv_segment_ids.shape != k.shape[:2]):
-    raise ValueError(f"segment ids must be [batch, seq]; got {q_segment_ids.shape}, {kv_segment_ids.shape}")
-  if prefix_len is not None and not causal:
-    raise ValueError("prefix_len only has a meaning with causal=True (prefix-LM).")
-  if prefix_len is not None and np.ndim(prefix_len) not in (0, 1):
-    raise ValueError(f"prefix_len must be an int or a [batch] array, got shape {np.shape(prefix_len)}")
-  if window is not None and (not isinstance(window, int | np.integer) or window < 1):
-    raise ValueError(f"window must be a static int >= 1, got {window!r}")
+  if mask.q_positions is not None or mask.kv_positions is not None:
+    raise NotImplementedError("the Pallas kernels take no explicit positions (KV-cache decoding); "
+                              "use implementation='xla' there")
   if bias is not None:
     _bias_shape(bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
 
-def supports(q: Array, k: Array, *, bias: Optional[Array] = None, causal: bool = False,
-             q_segment_ids: Optional[Array] = None, kv_segment_ids: Optional[Array] = None,
-             prefix_len: Optional[Array | int] = None, window: Optional[int] = None, **_: object) -> bool:
+def supports(q: Array, k: Array, mask: Optional[Mask] = None, bias: Optional[Array] = None) -> bool:
   """Whether `flash_attention` covers this call (any backend; on CPU it would run in interpret mode).
 
   Biases are covered, including their gradient (which materialises [B, H, Sq, Sk] in the backward).
   """
   try:
-    _check(q, k, k, bias, causal, q_segment_ids, kv_segment_ids, prefix_len, window)
+    _check(q, k, k, Mask() if mask is None else mask, bias)
   except (ValueError, NotImplementedError):
     return False
   return True
@@ -129,13 +119,9 @@ def flash_attention(
     k: Array,
     v: Array,
     *,
+    mask: Optional[Mask] = None,
     bias: Optional[Array] = None,
     scale: Optional[float] = None,
-    causal: bool = False,
-    q_segment_ids: Optional[Array] = None,
-    kv_segment_ids: Optional[Array] = None,
-    prefix_len: Optional[Array | int] = None,
-    window: Optional[int] = None,
     block_q: Optional[int] = None,
     block_k: Optional[int] = None,
     block_q_bwd: Optional[int] = None,
@@ -151,7 +137,8 @@ def flash_attention(
   kernels in interpret mode (default: True on CPU). Block sizes must be powers of two; sequences are
   padded internally to block multiples (one copy, only when not already a multiple).
   """
-  _check(q, k, v, bias, causal, q_segment_ids, kv_segment_ids, prefix_len, window)
+  mask = Mask() if mask is None else mask
+  _check(q, k, v, mask, bias)
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -172,8 +159,9 @@ def flash_attention(
 
   bias_shape = None if bias is None else _bias_shape(bias, b, h, sq, sk)
   cfg = Config(
-      backend=backend, interpret=interpret, causal=causal, window=None if window is None else int(window),
-      has_prefix=prefix_len is not None, has_segments=q_segment_ids is not None, has_bias=bias is not None,
+      backend=backend, interpret=interpret, causal=mask.causal,
+      window=None if mask.window is None else int(mask.window), has_prefix=mask.prefix_len is not None,
+      has_segments=mask.q_segment_ids is not None, has_bias=bias is not None,
       bias_batch=bias_shape is not None and bias_shape[0] > 1,
       bias_heads=bias_shape is not None and bias_shape[1] > 1,
       q_len=sq, kv_len=sk, q_len_padded=sq_pad, kv_len_padded=sk_pad, heads=h, kv_heads=hkv, scale=scale,
@@ -185,27 +173,31 @@ def flash_attention(
   if bias is not None:
     bias = jnp.broadcast_to(bias.reshape(bias_shape), bias_shape[:2] + (sq, sk))
     bias = jnp.pad(bias, ((0, 0), (0, 0), (0, sq_pad - sq), (0, sk_pad - sk)))
-  aux = (None, None, None)
-  if q_segment_ids is not None:  # padding rows/cols get ids that match nothing real
-    aux = (jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, sq_pad - sq)), constant_values=-1),
-           jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sk_pad - sk)), constant_values=-2), None)
-  if prefix_len is not None:
-    aux = aux[:2] + (jnp.broadcast_to(jnp.asarray(prefix_len, jnp.int32), (b,)),)
-  out = _flash(cfg, qp, kp, vp, bias, aux)
+  pad_ids = lambda x, n, c: jnp.pad(x.astype(jnp.int32), ((0, 0), (0, n - x.shape[1])), constant_values=c)
+  if mask.q_segment_ids is not None:  # padding rows/cols get ids that match nothing real
+    mask = mask.replace(q_segment_ids=pad_ids(mask.q_segment_ids, sq_pad, -1),
+                        kv_segment_ids=pad_ids(mask.kv_segment_ids, sk_pad, -2))
+  if mask.prefix_len is not None:
+    mask = mask.replace(prefix_len=jnp.broadcast_to(jnp.asarray(mask.prefix_len, jnp.int32), (b,)))
+  out = _flash(cfg, qp, kp, vp, bias, mask)
   return out[:, :sq, :, :d]
 
 
+def _aux(mask: Mask) -> tuple:
+  return mask.q_segment_ids, mask.kv_segment_ids, mask.prefix_len
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], aux: tuple) -> Array:
-  return _backend_module(cfg.backend).forward(cfg, q, k, v, bias, *aux)[0]
+def _flash(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], mask: Mask) -> Array:
+  return _backend_module(cfg.backend).forward(cfg, q, k, v, bias, *_aux(mask))[0]
 
 
-def _flash_fwd(cfg: Config, q: object, k: object, v: object, bias: object, aux: tuple) -> tuple:
-  # symbolic_zeros=True: arguments arrive as CustomVJPPrimal(value, perturbed).
+def _flash_fwd(cfg: Config, q: object, k: object, v: object, bias: object, mask: Mask) -> tuple:
+  # symbolic_zeros=True: arguments (each leaf of the mask too) arrive as CustomVJPPrimal(value, perturbed).
   need_dbias = bias is not None and bool(bias.perturbed)
   q, k, v = q.value, k.value, v.value
   bias = None if bias is None else bias.value
-  aux = tuple(None if a is None else a.value for a in aux)
+  aux = _aux(jax.tree.map(lambda a: a.value, mask))
   o, lse = _backend_module(cfg.backend).forward(cfg, q, k, v, bias, *aux)
   return o, (q, k, v, bias, aux, o, lse, need_dbias)
 
@@ -220,7 +212,7 @@ def _flash_bwd(cfg: Config, res: tuple, do: object) -> tuple:
   if need_dbias:  # reduce the logits gradient over the bias' broadcast dims
     axes = tuple(a for a, full in ((0, cfg.bias_batch), (1, cfg.bias_heads)) if not full)
     dbias = jnp.sum(dlogits, axis=axes, keepdims=True).astype(bias.dtype)
-  return dq, dk, dv, dbias, (None, None, None)
+  return dq, dk, dv, dbias, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd, symbolic_zeros=True)
