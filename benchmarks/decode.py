@@ -63,7 +63,7 @@ def timed(plan, params, draft_params, ids, lengths, repeats: int) -> tuple[float
 def step_bytes(cfg: ModelConfig, params, batch: int, slots: int) -> int:
   """Bytes a decode step must read: every parameter plus every k/v cache slot of every layer."""
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  kv = 2 * cfg.num_layers * batch * slots * cfg.kv_heads * cfg.dim_per_head * jnp.dtype(cfg.compute_dtype).itemsize
+  kv = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
   return int(weights + kv)
 
 

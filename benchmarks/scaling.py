@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _results import default_out  # noqa: E402  (benchmarks/, the script's directory)
 
-from t_jax.sharding import distributed  # noqa: E402  (defines the --coordinator_address/... flags)
+from launch import flags as launch_flags  # noqa: E402  (defines the --coordinator_address/... flags)
 
 MODEL = flags.DEFINE_string("model", "models/gpt2_small_tiny.gin", "Model gin file.")
 PRESETS = flags.DEFINE_list("presets", ["dp", "fsdp", "tp", "fsdp_tp"], "configs/hardware/<name>.gin presets.")
@@ -59,13 +59,13 @@ def run_preset(name: str) -> dict:
   import numpy as np
   import optax
 
-  from t_jax.config_utils import parse_gin
+  from launch import config
   from t_jax.models import ModelConfig, build_model, init_boxed
   from t_jax.sharding import MeshConfig, Partitioner, bytes_per_device
 
   dtype = DTYPE.value or ("float32" if jax.default_backend() == "cpu" else None)
-  parse_gin([MODEL.value, f"hardware/{name}.gin"], BINDINGS.value + ([f"ModelConfig.dtype='{dtype}'"] if dtype else []))
-  cfg, mesh_cfg = ModelConfig(), MeshConfig()
+  config.parse([MODEL.value, f"hardware/{name}.gin"], BINDINGS.value + ([f"ModelConfig.dtype='{dtype}'"] if dtype else []))
+  cfg, mesh_cfg = config.build(ModelConfig), config.build(MeshConfig)
   part = Partitioner.from_config(mesh_cfg)
   model, tx = build_model(cfg), optax.adamw(1e-4)
   loss = _loss_fn(model, cfg)
@@ -138,14 +138,14 @@ def main(argv: list[str]) -> None:
   import jax
 
   jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
-  distributed.maybe_initialize_from_flags()
+  launch_flags.initialize_from_flags()
   import flax
   import jaxlib
   import optax
 
   device = jax.devices()[0]
   results = [run_preset(name) for name in PRESETS.value]
-  if not distributed.is_primary():
+  if jax.process_index() != 0:
     return
   print(f"device: {device.device_kind} x {jax.device_count()} ({jax.process_count()} processes), "
         f"model {MODEL.value}, batch {BATCH.value} x {SEQ_LEN.value}")

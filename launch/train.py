@@ -13,20 +13,23 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from t_jax.config_utils import ConfigError, parse_gin
+from launch import config
+from launch.flags import initialize_from_flags
 from t_jax.models import ModelConfig, abstract_params, build_model, param_table
-from t_jax.sharding import maybe_initialize_from_flags
 from t_jax.training import train
 
-FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin files (searched in . and configs/).")
+FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (searched in . and configs/).")
 BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'ModelConfig.d_model=256'.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, config.gin).")
 DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build the model, print its parameter table and exit.")
+FORCE_UNLOCK = flags.DEFINE_bool("force_unlock", False, "Break a workdir lock held by a run on another host.")
+ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                 "Resume although the model/task config changed what the parameters mean.")
 
 
 def dry_run() -> int:
   """Builds the configured model without allocating it and prints the parameter table."""
-  cfg = ModelConfig()
+  cfg = config.build(ModelConfig)
   model = build_model(cfg)
   print(f"model: {type(model).__name__} ({cfg.architecture}), devices: {jax.device_count()}")
   print(param_table(abstract_params(model)))
@@ -34,19 +37,21 @@ def dry_run() -> int:
 
 
 def main(argv: list[str]) -> int:
-  """Entry point: parse gin, then dry-run or train; config errors exit 2 with one line naming the problem."""
+  """Entry point: parse gin, then dry-run or train; bad input exits 2 with one `error:` line naming it."""
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
-    maybe_initialize_from_flags()  # multi-process runs join jax.distributed before any device use
-    parse_gin(FLAGS.value, BINDINGS.value)
+    initialize_from_flags()  # multi-process runs join jax.distributed before any device use
+    config.parse(FILES.value, BINDINGS.value)
     if DRY_RUN.value:
       return dry_run()
     if not WORKDIR.value:
-      raise ConfigError("--workdir is required for training")
-    train(WORKDIR.value)
-  except (ConfigError, ValueError) as e:
+      raise config.ConfigError("--workdir is required for training")
+    exp = config.experiment()
+    train(WORKDIR.value, exp, config_text=config.operative(), force_unlock=FORCE_UNLOCK.value,
+          allow_config_change=ALLOW_CHANGE.value)
+  except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except FloatingPointError as e:

@@ -1,18 +1,16 @@
 """t_jax: Transformer research code in JAX/Flax.
 
-Stable API: `attention`, `ModelConfig`, `build_model`, `DecoderOnly`, `EncoderOnly`,
-`EncoderDecoder`, `init_params`, `logical_axes`, `count_params`, and (imported on first use)
-`load`, `generate`, `from_hf`, `to_hf`.
+Stable API: `attention`, `ModelConfig`, `build_model`, `Transformer`, `EncoderDecoder`, `init_params`,
+`logical_axes`, `count_params`, and (imported on first use) `load`, `generate`, `from_hf`, `to_hf`.
 """
 
 import importlib
 
 from t_jax.attention import attention
 from t_jax.models import (
-  DecoderOnly,
   EncoderDecoder,
-  EncoderOnly,
   ModelConfig,
+  Transformer,
   build_model,
   count_params,
   init_params,
@@ -22,7 +20,7 @@ from t_jax.models import (
 __version__ = "0.1.0"
 
 # Heavier entry points (orbax, grain, safetensors) load lazily, so `import t_jax` stays light.
-_LAZY = {"load": "t_jax.training.load", "generate": "t_jax.inference", "from_hf": "t_jax.convert",
+_LAZY = {"load": "t_jax.workdir", "generate": "t_jax.inference", "from_hf": "t_jax.convert",
          "to_hf": "t_jax.convert"}
 
 

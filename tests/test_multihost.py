@@ -20,12 +20,16 @@ import jax
 import numpy as np
 import pytest
 
+from launch.flags import initialize_from_flags
 from t_jax.sharding import cluster_environment, distributed, initialize_distributed, is_primary
 
 try:  # tests/ as a package (pytest from the repo root) or as the script's directory (worker)
   from tests import multidevice as md
 except ImportError:
   import multidevice as md
+
+# Every test here that starts processes runs on one xdist worker (--dist loadgroup), one at a time.
+pytestmark = pytest.mark.xdist_group("processes")
 
 FAMILY = "decoder"
 FSDP8 = dict(rules="fsdp", data=1, fsdp=8)
@@ -133,7 +137,7 @@ def no_cluster(monkeypatch):
 def test_single_process_does_not_initialize(no_cluster):
   assert cluster_environment() is None
   assert not initialize_distributed() and not initialize_distributed(num_processes=1)
-  assert not distributed.maybe_initialize_from_flags()  # flags unparsed: auto-detect
+  assert not initialize_from_flags()  # flags unparsed: auto-detect
   assert no_cluster == [] and is_primary()
 
 

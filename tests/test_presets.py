@@ -6,7 +6,7 @@ import sys
 import gin
 import pytest
 
-from t_jax.config_utils import ConfigError, parse_gin
+from launch.config import ConfigError, build, parse
 from t_jax.models import ModelConfig, abstract_params, build_model, count_params
 from tests.conftest import REPO
 
@@ -23,9 +23,9 @@ PUBLISHED = [
 
 
 def preset_count(name: str) -> int:
-  parse_gin([f"models/{name}.gin"])
+  parse([f"models/{name}.gin"])
   try:
-    return count_params(abstract_params(build_model(ModelConfig())))
+    return count_params(abstract_params(build_model(build(ModelConfig))))
   finally:
     gin.clear_config()
 
@@ -39,10 +39,10 @@ def test_published_parameter_counts(name, count, tol):
 @pytest.mark.parametrize("name", ["transformer_base", "transformer_big", "bert_base", "gpt2_small", "t5_small",
                                   "t5_base", "llama"])
 def test_tiny_variant_keeps_the_family(name):
-  parse_gin([f"models/{name}.gin"])
-  big = ModelConfig()
-  parse_gin([f"models/{name}_tiny.gin"])
-  small = ModelConfig()
+  parse([f"models/{name}.gin"])
+  big = build(ModelConfig)
+  parse([f"models/{name}_tiny.gin"])
+  small = build(ModelConfig)
   gin.clear_config()
   for field in ("architecture", "position", "activation", "gated", "norm", "pre_norm", "tie_embeddings"):
     assert getattr(big, field) == getattr(small, field), field
@@ -60,9 +60,9 @@ def test_dry_run_prints_table_ending_in_total():
 
 def test_bad_bindings_and_files_fail_with_their_name():
   with pytest.raises(ConfigError, match="d_modle"):
-    parse_gin(["models/gpt2_small.gin"], ["ModelConfig.d_modle = 3"])
+    parse(["models/gpt2_small.gin"], ["ModelConfig.d_modle = 3"])
   with pytest.raises(ConfigError, match="no_such.gin"):
-    parse_gin(["models/no_such.gin"])
+    parse(["models/no_such.gin"])
   gin.clear_config()
   out = subprocess.run([sys.executable, "-m", "launch.train", "--gin_file=models/gpt2_small.gin",
                         "--gin_bindings=ModelConfig.num_heads=7", "--dry_run"],

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from t_jax import data
 from t_jax.models import abstract_params, build_model
 from t_jax.sharding import AXES, MeshConfig, Partitioner, mesh_shape, rules_for
 
@@ -161,14 +162,14 @@ def test_mesh_config_errors():
 def test_hardware_presets(name, shape8, preset):
   import gin
 
-  from t_jax.config_utils import parse_gin
+  from launch.config import build, parse
   from t_jax.models import ModelConfig
   try:
-    parse_gin([f"hardware/{name}.gin"])
-    cfg = MeshConfig()
+    parse([f"hardware/{name}.gin"])
+    cfg = build(MeshConfig)
     assert (mesh_shape(cfg, 8), cfg.rules) == (shape8, preset)
     assert math.prod(mesh_shape(cfg, 64)) == 64
-    assert ModelConfig().dtype == "bfloat16" and ModelConfig().param_dtype == "float32"
+    assert build(ModelConfig).dtype == "bfloat16" and build(ModelConfig).param_dtype == "float32"
   finally:
     gin.clear_config()
 
@@ -180,6 +181,7 @@ def _axes(entry):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 @pytest.mark.parametrize("families", [("decoder", "prefix_lm"), ("encoder", "encoder_decoder")])
 def test_presets_train_like_one_device(families):
   # One test per pair of families, each family in its own (concurrent) 8-device worker: pytest-xdist
@@ -225,6 +227,7 @@ def _check_run(ref: dict, got: dict, preset: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_training_loop_step_under_presets():
   # t_jax.training's own init/train_step (adamw via make_optimizer, microbatching) on 8 devices.
   (report,) = md.run_workers(__file__, [["train_step"]])
@@ -295,6 +298,9 @@ def worker(family: str, out: str) -> None:
   md.write_report(out, report)
 
 
+OBJECTIVES = {"causal_lm": data.CausalLM(), "seq2seq": data.Seq2Seq()}
+
+
 def _training_batch(kind: str, seed: int) -> dict:
   """A batch in t_jax.training's layout (unpacked: one segment per row, all weights 1)."""
   b = md.make_batch("encoder_decoder" if kind == "seq2seq" else "decoder", seed)
@@ -316,7 +322,7 @@ def _train_loop_step(kind: str, part: Partitioner, accum: int = 1) -> dict:
   state, shardings = part.init(training.make_init(model, tx, 8), jax.random.key(0))
   out = {"losses": [], "grad_norms": []}
   with part.context():
-    step = jax.jit(training.make_train_step(model, tx, kind, training.TrainConfig(), schedule, accum),
+    step = jax.jit(training.make_train_step(model, tx, OBJECTIVES[kind], training.TrainConfig(), schedule, accum),
                    in_shardings=(shardings, part.batch_sharding), out_shardings=(shardings, part.replicated),
                    donate_argnums=0)
     for seed in range(md.STEPS):

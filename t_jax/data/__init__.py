@@ -96,11 +96,12 @@ from t_jax.data.sources import (
     TextFileSource,
     TfdsSource,
 )
+from t_jax.data.task import TaskConfig
 from t_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 __all__ = [
     "EOS_ID", "PAD_ID", "UNK_ID", "CausalLM", "Counts", "InMemorySource", "MaskedLM", "Objective",
-    "ParallelTextSource", "PrefixLM", "PydocSource", "Seq2Seq", "SpanCorruption", "TextFileSource",
-    "TfdsSource", "Tokenizer", "corrupt_spans", "make_dataset", "make_iterator", "mask_tokens",
+    "ParallelTextSource", "PrefixLM", "PydocSource", "Seq2Seq", "SpanCorruption", "TaskConfig",
+    "TextFileSource", "TfdsSource", "Tokenizer", "corrupt_spans", "make_dataset", "make_iterator", "mask_tokens",
     "random_spans_noise_mask", "span_corruption_raw_length",
 ]

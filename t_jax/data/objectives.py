@@ -8,6 +8,7 @@ packs (grain's FirstFitPackIterDataset) or pads to `lengths()`; `finalize` renam
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -109,8 +110,14 @@ def mask_tokens(tokens: np.ndarray, rng: np.random.Generator, tokenizer: Tokeniz
 class Objective:
   """Base class: `examples` (document -> rows), `lengths` (packing lengths), `finalize` (contract keys)."""
 
+  architectures: ClassVar[tuple[str, ...]] = ()  # ModelConfig.architecture values it can train
+  label_key: ClassVar[str] = "targets"  # batch key of the prediction targets (weights: "weights")
   pack: bool = True
   counts: Counts = dataclasses.field(default_factory=Counts, repr=False, compare=False)
+
+  def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of `model.apply` for a batch of this objective."""
+    raise NotImplementedError
 
   def lengths(self) -> dict[str, int]:
     """Fixed length of each sequence feature of a row."""
@@ -161,6 +168,11 @@ class _DecoderOnly(Objective):
       out["prefix_len"] = row["prefix_len"]
     return out
 
+  def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
+    """Token ids with their positions, segment ids (and prefix_len)."""
+    kw = {"prefix_len": batch["prefix_len"]} if "prefix_len" in batch else {}
+    return (batch["inputs"],), dict(positions=batch["positions"], segment_ids=batch["segment_ids"], **kw)
+
   def _windows(self, example: Example, tokenizer: Tokenizer) -> list[np.ndarray]:
     """[bos] + tokens + [eos], cut into windows of seq_len + 1 that overlap by one token."""
     tokens = [tokenizer.bos_id, *tokenizer.encode(example[self.text_key]), tokenizer.eos_id]
@@ -170,6 +182,8 @@ class _DecoderOnly(Objective):
 @dataclasses.dataclass
 class CausalLM(_DecoderOnly):
   """Decoder-only next-token prediction; targets = inputs shifted left by one within each segment."""
+
+  architectures: ClassVar[tuple[str, ...]] = ("decoder", "prefix_lm")
 
   def examples(self, example: Example, rng: np.random.Generator, tokenizer: Tokenizer) -> list[Row]:
     """One row per window: inputs = w[:-1], targets = w[1:], weights = 1."""
@@ -185,6 +199,7 @@ class PrefixLM(_DecoderOnly):
   `prefix_fraction=None` draws prefix_len uniformly in [1, n]; otherwise round(fraction * n).
   """
 
+  architectures: ClassVar[tuple[str, ...]] = ("prefix_lm",)
   pack: bool = False
   prefix_fraction: float | None = None
 
@@ -212,6 +227,7 @@ class PrefixLM(_DecoderOnly):
 class MaskedLM(_DecoderOnly):
   """BERT masked LM: inputs corrupted (80% mask, 10% random, 10% kept), targets = original ids."""
 
+  architectures: ClassVar[tuple[str, ...]] = ("encoder",)
   mask_rate: float = 0.15
   mask_prob: float = 0.8
   random_prob: float = 0.1
@@ -242,8 +258,16 @@ def _seq2seq_row(encoder_inputs: np.ndarray, decoder_targets: np.ndarray) -> Row
 class _EncoderDecoder(Objective):
   """Shared lengths and finalize of encoder-decoder objectives."""
 
+  architectures: ClassVar[tuple[str, ...]] = ("encoder_decoder",)
+  label_key: ClassVar[str] = "decoder_targets"
   inputs_len: int = 512
   targets_len: int = 128
+
+  def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
+    """Encoder and decoder ids with their segment ids and positions."""
+    return (batch["encoder_inputs"], batch["decoder_inputs"]), {
+        k: batch[k] for k in ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids",
+                              "decoder_positions")}
 
   def lengths(self) -> dict[str, int]:
     """Encoder features of inputs_len, decoder features of targets_len."""

@@ -28,8 +28,7 @@ Array = jax.Array
 _F32 = jnp.float32
 
 
-def _params(cfg: Config) -> Optional[pltpu.CompilerParams]:
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+_COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _unpack(cfg: Config, refs: tuple) -> tuple:
@@ -181,7 +180,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
   o, lse = pl.pallas_call(
       lambda *refs: _fwd_kernel(cfg, *refs), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), q.dtype), jax.ShapeDtypeStruct((b, h, sq, 1), _F32)],
-      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_fwd",
+      interpret=cfg.interpret, compiler_params=_COMPILER_PARAMS, name="flash_attention_fwd",
   )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v),
     *_aux_args(cfg, bias, q_seg, kv_seg))
   return _to_bhsd(o), lse
@@ -284,7 +283,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dkdv",
+      interpret=cfg.interpret, compiler_params=_COMPILER_PARAMS, name="flash_attention_dkdv",
   )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk, by_kv=True), *args)
 
   # dq (and the logits gradient): grid (batch, head, q block, kv block).
@@ -311,6 +310,6 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
       scratch_shapes=[pltpu.VMEM((bq, d), _F32)])
   outs = pl.pallas_call(
       lambda *refs: _dq_kernel(cfg, need_dbias, *refs), grid_spec=grid_spec, out_shape=out_shape,
-      interpret=cfg.interpret, compiler_params=_params(cfg), name="flash_attention_dq",
+      interpret=cfg.interpret, compiler_params=_COMPILER_PARAMS, name="flash_attention_dq",
   )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk), *args)
   return _to_bhsd(outs[0]), _to_bhsd(dk), _to_bhsd(dv), (outs[1] if need_dbias else None)

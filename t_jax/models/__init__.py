@@ -10,4 +10,4 @@ from t_jax.models.builder import (
                                   param_table,
 )
 from t_jax.models.config import ModelConfig
-from t_jax.models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly
+from t_jax.models.transformer import EncoderDecoder, Transformer

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from t_jax.models.config import ModelConfig
-from t_jax.models.transformer import DecoderOnly, EncoderDecoder, EncoderOnly
+from t_jax.models.transformer import EncoderDecoder, Transformer
 
 PyTree = Any
 
 
-@gin.configurable
-def build_model(cfg: Optional[ModelConfig] = None, *, deterministic: bool = True,
-                decode: bool = False) -> nn.Module:
-  """The model class for cfg.architecture (decoder / prefix_lm / encoder / encoder_decoder)."""
-  cfg = ModelConfig() if cfg is None else cfg
-  if cfg.architecture in ("decoder", "prefix_lm"):
-    return DecoderOnly(cfg, deterministic=deterministic, decode=decode)
-  if cfg.architecture == "encoder":
-    if decode:
-      raise ValueError("encoder-only models do not decode")
-    return EncoderOnly(cfg, deterministic=deterministic)
-  return EncoderDecoder(cfg, deterministic=deterministic, decode_mode=decode)
+def build_model(cfg: ModelConfig, *, deterministic: bool = True, decode: bool = False) -> nn.Module:
+  """EncoderDecoder for architecture='encoder_decoder', else Transformer (decoder / prefix_lm / encoder)."""
+  cls = EncoderDecoder if cfg.architecture == "encoder_decoder" else Transformer
+  return cls(cfg, deterministic=deterministic, decode=decode)
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8) -> tuple:

@@ -1,12 +1,9 @@
-"""ModelConfig: one frozen dataclass describes every model of the family; gin sets its fields."""
+"""ModelConfig: one frozen dataclass describes every model of the family (launchers fill it from gin)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
-
-import gin
-import jax.numpy as jnp
 
 ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5_relative", "none")
@@ -14,10 +11,13 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 KERNEL_OPTIONS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps", "num_stages")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Fields that change how a model runs, not what its parameters mean (conversion overrides, resume checks).
+RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                            "dropout_rate", "attention_dropout_rate", "init_std"}
+                           | {f"attention_{n}" for n in KERNEL_OPTIONS})
+DTYPES = ("float32", "bfloat16", "float16")  # dtype strings; jax and flax take them as they are
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Every architectural knob of a t_jax model. Presets live in configs/models/*.gin."""
@@ -26,8 +26,8 @@ class ModelConfig:
   vocab_size: int = 32000
   d_model: int = 512
   num_heads: int = 8
-  num_kv_heads: Optional[int] = None  # None = num_heads (MHA); 1 = MQA; else GQA
-  head_dim: Optional[int] = None  # None = d_model // num_heads
+  num_kv_heads: Optional[int] = None  # None -> num_heads (MHA); 1 = MQA; else GQA (resolved on creation)
+  head_dim: Optional[int] = None  # None -> d_model // num_heads (resolved on creation)
   mlp_dim: int = 2048
   num_layers: int = 6  # decoder layers (encoder layers for encoder-only models)
   num_encoder_layers: Optional[int] = None  # encoder-decoder only; None = num_layers
@@ -78,18 +78,20 @@ class ModelConfig:
     _one_of("activation", self.activation, ACTIVATIONS)
     _one_of("norm", self.norm, NORMS)
     _one_of("remat_policy", self.remat_policy, REMAT_POLICIES)
-    _one_of("dtype", self.dtype, tuple(DTYPES))
-    _one_of("param_dtype", self.param_dtype, tuple(DTYPES))
+    _one_of("dtype", self.dtype, DTYPES)
+    _one_of("param_dtype", self.param_dtype, DTYPES)
     for name in ("vocab_size", "d_model", "num_heads", "mlp_dim", "num_layers", "max_len"):
       if getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} does not divide "
                        f"ModelConfig.d_model={self.d_model}; set head_dim explicitly or change one")
-    if self.num_heads % self.kv_heads:
-      raise ValueError(f"ModelConfig.num_kv_heads={self.kv_heads} must divide num_heads={self.num_heads}")
-    if self.position == "rope" and self.dim_per_head % 2:
-      raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+    object.__setattr__(self, "head_dim", self.head_dim or self.d_model // self.num_heads)
+    object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
     if self.position == "sinusoidal" and self.d_model % 2:
       raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
     if self.window is not None and self.window < 1:
@@ -108,32 +110,16 @@ class ModelConfig:
     return {n: v for n, v in options.items() if v is not None}
 
   @property
-  def kv_heads(self) -> int:
-    """Number of key/value heads."""
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  @property
-  def dim_per_head(self) -> int:
-    """Per-head dimension."""
-    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-  @property
   def encoder_layers(self) -> int:
     """Encoder depth of an encoder-decoder model."""
     return self.num_layers if self.num_encoder_layers is None else self.num_encoder_layers
 
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    """Activation dtype."""
-    return DTYPES[self.dtype]
-
-  @property
-  def weight_dtype(self) -> jnp.dtype:
-    """Parameter dtype."""
-    return DTYPES[self.param_dtype]
-
   def replace(self, **changes: object) -> ModelConfig:
-    """A copy with some fields changed (validated again)."""
+    """A copy with some fields changed (validated again); a derived head_dim / num_kv_heads is derived again."""
+    if "head_dim" not in changes and self.head_dim * self.num_heads == self.d_model:
+      changes["head_dim"] = None
+    if "num_kv_heads" not in changes and self.num_kv_heads == self.num_heads:
+      changes["num_kv_heads"] = None
     return dataclasses.replace(self, **changes)
 
 

@@ -38,23 +38,23 @@ def _logical(init: Callable, axes: tuple[str, ...]) -> Callable:
   return lambda *args, **kwargs: _Logical(init(*args, **kwargs), axes)
 
 
-def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...], name: str,
+def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...], name: Optional[str] = None,
           in_axes: int = 1, use_bias: Optional[bool] = None) -> nn.DenseGeneral:
   """DenseGeneral contracting the last `in_axes` axes, with logical axis names on every parameter."""
   bias = cfg.use_bias if use_bias is None else use_bias
   return nn.DenseGeneral(
       features=features, axis=tuple(range(-in_axes, 0)), use_bias=bias, name=name,
-      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       kernel_init=_logical(kernel_init(cfg), axes), bias_init=_logical(nn.initializers.zeros, axes[in_axes:]))
 
 
-def norm(cfg: ModelConfig, name: str) -> nn.Module:
+def norm(cfg: ModelConfig, name: Optional[str] = None) -> nn.Module:
   """LayerNorm or RMSNorm over `embed`, per config."""
   if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       scale_init=P(nn.initializers.ones, ("embed",)), name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                      param_dtype=cfg.weight_dtype, scale_init=P(nn.initializers.ones, ("embed",)),
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, scale_init=P(nn.initializers.ones, ("embed",)),
                       bias_init=P(nn.initializers.zeros, ("embed",)), name=name)
 
 
@@ -101,30 +101,30 @@ class Embed(nn.Module):
     """Creates the table."""
     init = nn.initializers.normal(embed_std(self.cfg))
     self.embedding = self.param("embedding", P(init, ("vocab", "embed")),
-                                (self.cfg.vocab_size, self.cfg.d_model), self.cfg.weight_dtype)
+                                (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
 
   def __call__(self, ids: Array) -> Array:
     """[batch, seq] ids -> [batch, seq, embed]."""
-    x = jnp.take(jnp.asarray(self.embedding, self.cfg.compute_dtype), ids, axis=0)
+    x = jnp.take(jnp.asarray(self.embedding, self.cfg.dtype), ids, axis=0)
     return x * jnp.sqrt(self.cfg.d_model).astype(x.dtype) if self.cfg.scale_embeddings else x
 
   def attend(self, x: Array) -> Array:
     """Tied un-embedding: x @ E^T -> [batch, seq, vocab]."""
-    return jnp.einsum("bse,ve->bsv", x, jnp.asarray(self.embedding, self.cfg.compute_dtype))
+    return jnp.einsum("bse,ve->bsv", x, jnp.asarray(self.embedding, self.cfg.dtype))
 
 
 class PositionEmbed(nn.Module):
-  """Learned absolute positions: a [max_len, embed] table."""
+  """The learned absolute-position table [max_len, embed] (looked up by t_jax.models.positions.absolute)."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, positions: Array) -> Array:
-    """[batch, seq] positions -> [batch, seq, embed]."""
+  def __call__(self) -> Array:
+    """The table in the compute dtype."""
     init = nn.initializers.normal(self.cfg.init_std or 0.02)
     table = self.param("embedding", P(init, ("position", "embed")), (self.cfg.max_len, self.cfg.d_model),
-                       self.cfg.weight_dtype)
-    return jnp.take(jnp.asarray(table, self.cfg.compute_dtype), jnp.clip(positions, 0, None), axis=0)
+                       self.cfg.param_dtype)
+    return jnp.asarray(table, self.cfg.dtype)
 
 
 def remat_policy(name: str) -> Optional[Callable]:

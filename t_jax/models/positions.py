@@ -1,8 +1,11 @@
-"""Position schemes: sinusoidal, learned (in embedding.py), RoPE, ALiBi and T5 relative buckets."""
+"""Position schemes behind three hooks: `absolute` (added to the embeddings: sinusoidal, learned),
+`rotate` (RoPE on queries and keys) and `bias` (ALiBi, T5 relative buckets). Each is a no-op for the
+other schemes, so the layers call all three without asking which scheme is configured."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +82,30 @@ def t5_relative_bias(table: Array, q_positions: Array, kv_positions: Array, *, b
   buckets = t5_bucket(rel, bidirectional=bidirectional, num_buckets=table.shape[0],
                       max_distance=max_distance)
   return jnp.transpose(table[buckets], (0, 3, 1, 2)).astype(jnp.float32)
+
+
+def absolute(position: str, positions: Array, d_model: int, learned: Optional[Array]) -> Optional[Array]:
+  """What to add to the token embeddings [batch, seq, embed] (learned: rows of the given table), or None."""
+  if position == "sinusoidal":
+    return sinusoidal(positions, d_model)
+  if position == "learned":
+    return jnp.take(learned, jnp.clip(positions, 0, None), axis=0)
+  return None
+
+
+def rotate(position: str, q: Array, k: Array, positions: Array, theta: float) -> tuple[Array, Array]:
+  """Queries and keys with RoPE applied (unchanged for other schemes)."""
+  if position != "rope":
+    return q, k
+  return apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+
+
+def bias(position: str, q_positions: Array, kv_positions: Array, *, num_heads: int, table: Optional[Array],
+         bidirectional: bool, max_distance: int) -> Optional[Array]:
+  """Additive attention bias [batch, heads, q, kv] (ALiBi, T5 buckets from `table`), or None."""
+  if position == "alibi":
+    return alibi_bias(q_positions, kv_positions, num_heads)
+  if position == "t5_relative":
+    return t5_relative_bias(table, q_positions, kv_positions, bidirectional=bidirectional,
+                            max_distance=max_distance)
+  return None

@@ -1,26 +1,99 @@
-"""Blocks, layer stacks and the three model classes: DecoderOnly, EncoderOnly, EncoderDecoder."""
+"""The model body: attention, block and stack, and the two models built from them.
+
+  Transformer      one stack over one sequence; its mask mode follows cfg.architecture:
+                   decoder (causal, GPT), prefix_lm (bidirectional prefix), encoder (bidirectional, BERT MLM).
+  EncoderDecoder   an encoder stack and a decoder stack with cross-attention (Vaswani et al., T5).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from t_jax.attention import Mask, attention
+from t_jax.models import kv_cache
 from t_jax.models import positions as pos_lib
-from t_jax.models.attention import MultiHeadAttention
 from t_jax.models.config import ModelConfig
 from t_jax.models.layers import MLP, Embed, PositionEmbed, activation, dense, norm, remat_policy
 
 Array = jnp.ndarray
 ACT = ("batch", "length", "embed")
+MASK_MODES = {"decoder": "causal", "prefix_lm": "prefix", "encoder": "bidirectional"}
+
+
+class Inputs(NamedTuple):
+  """What every layer of a stack reads besides x (broadcast over the layers under nn.scan)."""
+
+  positions: Array  # [batch, seq]
+  segment_ids: Optional[Array] = None  # packing / padding (0 = padding); None = nothing masked
+  prefix_len: Optional[Array] = None  # prefix-LM
+  encoded: Optional[Array] = None  # encoder outputs for cross-attention (None on cached decode steps)
+  encoder_segment_ids: Optional[Array] = None
+  rel_table: Optional[Array] = None  # the stack's T5 relative-bias table
+
+
+class Attention(nn.Module):
+  """Query/key/value projections (MHA, GQA, MQA), positions, `t_jax.attention`, output projection.
+
+  mode: 'causal' | 'prefix' | 'bidirectional' self-attention, or 'cross' (keys/values from the encoder).
+  With decode=True the layer keeps a KV cache (t_jax.models.kv_cache).
+  """
+
+  cfg: ModelConfig
+  mode: str
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, inputs: Inputs) -> Array:
+    """x [batch, q, embed] -> [batch, q, embed]."""
+    cfg, cross = self.cfg, self.mode == "cross"
+    kv_shape, kv_axes = (cfg.num_kv_heads, cfg.head_dim), ("embed", "kv", "head_dim")
+    project = lambda h: (dense(cfg, kv_shape, kv_axes, "key")(h), dense(cfg, kv_shape, kv_axes, "value")(h))
+    q = dense(cfg, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "query")(x)
+    q_pos = kv_pos = inputs.positions
+    if cross:
+      k, v = kv_cache.cross(self, inputs.encoded, project)
+    else:
+      k, v = project(x)
+      q, k = pos_lib.rotate(cfg.position, q, k, q_pos, cfg.rope_theta)
+      if self.decode:
+        k, v, kv_pos = kv_cache.append(self, k, v, q_pos, cfg.window or cfg.max_len)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    bias = None if cross else pos_lib.bias(
+        cfg.position, q_pos, kv_pos, num_heads=cfg.num_heads, table=inputs.rel_table,
+        bidirectional=self.mode == "bidirectional", max_distance=cfg.relative_max_distance)
+    dropout = 0.0 if self.deterministic else cfg.attention_dropout_rate
+    q_seg, kv_seg = self._segments(inputs, q)
+    explicit = self.decode and not cross  # cache slots carry absolute positions
+    mask = Mask(causal=self.mode in ("causal", "prefix"), window=None if cross else cfg.window,
+                q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                prefix_len=inputs.prefix_len if self.mode == "prefix" else None,
+                q_positions=q_pos if explicit else None, kv_positions=kv_pos if explicit else None)
+    out = attention(q, k, v, mask=mask, bias=bias, scale=None if cfg.scale_attention else 1.0,
+                    implementation=cfg.attention_impl, kernel_options=cfg.attention_kernel_options,
+                    dropout_rate=dropout, dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
+    out = checkpoint_name(out, "attention_out")
+    return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", in_axes=2)(out)
+
+  def _segments(self, inputs: Inputs, q: Array) -> tuple[Optional[Array], Optional[Array]]:
+    """(query, key) segment ids; cross-attention masks padded encoder positions even for unsegmented queries."""
+    if self.mode != "cross":
+      return inputs.segment_ids, inputs.segment_ids
+    if inputs.encoder_segment_ids is None:
+      return None, None
+    q_seg = inputs.segment_ids if inputs.segment_ids is not None else jnp.ones(q.shape[:2], jnp.int32)
+    return q_seg, inputs.encoder_segment_ids
 
 
 class Block(nn.Module):
   """One layer: self-attention, optional cross-attention, feed-forward; pre- or post-LN residuals."""
 
   cfg: ModelConfig
-  causal: bool
+  mode: str
   cross: bool = False
   deterministic: bool = True
   decode: bool = False
@@ -32,23 +105,15 @@ class Block(nn.Module):
     return norm(self.cfg, f"{name}_norm")(x + drop(sublayer(x), deterministic=self.deterministic))
 
   @nn.compact
-  def __call__(self, x: Array, aux: dict) -> tuple[Array, None]:
-    """(x, aux) -> (x, None); aux holds positions, segment ids, encoder outputs (scan-friendly)."""
-    cfg, det = self.cfg, self.deterministic
-    self_attn = MultiHeadAttention(cfg, causal=self.causal, deterministic=det, decode=self.decode,
-                                   name="self_attention")
-    x = self._residual(x, lambda h: self_attn(
-        h, None, q_positions=aux["positions"], kv_positions=None, q_segment_ids=aux.get("segment_ids"),
-        kv_segment_ids=aux.get("segment_ids"), prefix_len=aux.get("prefix_len"),
-        rel_table=aux.get("rel_table")), "self_attention")
+  def __call__(self, x: Array, inputs: Inputs) -> tuple[Array, None]:
+    """(x, inputs) -> (x, None), the nn.scan carry signature."""
+    kw = dict(cfg=self.cfg, deterministic=self.deterministic, decode=self.decode)
+    x = self._residual(x, lambda h: Attention(mode=self.mode, name="self_attention", **kw)(h, inputs),
+                       "self_attention")
     if self.cross:
-      cross_attn = MultiHeadAttention(cfg, cross=True, deterministic=det, decode=self.decode,
-                                      name="cross_attention")
-      x = self._residual(x, lambda h: cross_attn(
-          h, aux.get("encoded"), q_positions=aux["positions"], kv_positions=None,
-          q_segment_ids=aux.get("cross_q_segment_ids"), kv_segment_ids=aux.get("encoder_segment_ids")),
-          "cross_attention")
-    x = self._residual(x, MLP(cfg, deterministic=det, name="mlp"), "mlp")
+      x = self._residual(x, lambda h: Attention(mode="cross", name="cross_attention", **kw)(h, inputs),
+                         "cross_attention")
+    x = self._residual(x, MLP(self.cfg, deterministic=self.deterministic, name="mlp"), "mlp")
     return nn.with_logical_constraint(x, ACT), None
 
 
@@ -57,37 +122,36 @@ class Stack(nn.Module):
 
   cfg: ModelConfig
   num_layers: int
-  causal: bool
+  mode: str
   cross: bool = False
   deterministic: bool = True
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, aux: dict) -> Array:
+  def __call__(self, x: Array, inputs: Inputs) -> Array:
     """Runs the layers over x [batch, seq, embed]."""
     cfg = self.cfg
     if cfg.position == "t5_relative":  # one bucket table per stack, shared by its layers (as in T5)
-      aux = dict(aux, rel_table=self.param(
-          "relative_bias", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("relpos_buckets", "heads")),
-          (cfg.relative_buckets, cfg.num_heads), cfg.weight_dtype))
+      inputs = inputs._replace(rel_table=self.param("relative_bias", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), ("relpos_buckets", "heads")), (cfg.relative_buckets, cfg.num_heads),
+          cfg.param_dtype))
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
-    kw = dict(cfg=cfg, causal=self.causal, cross=self.cross, deterministic=self.deterministic,
-              decode=self.decode)
+    kw = dict(cfg=cfg, mode=self.mode, cross=self.cross, deterministic=self.deterministic, decode=self.decode)
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
                         length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(**kw, name="layers")(x, aux)
+      x, _ = scanned(**kw, name="layers")(x, inputs)
     else:
       for i in range(self.num_layers):
-        x, _ = block(**kw, name=f"layer_{i}")(x, aux)
+        x, _ = block(**kw, name=f"layer_{i}")(x, inputs)
     return norm(cfg, "final_norm")(x) if cfg.pre_norm else x
 
 
 class Embedder(nn.Module):
-  """Token (+ token-type) embeddings, absolute positions when configured, optional norm and dropout."""
+  """Token (+ token-type) embeddings, absolute positions, optional norm and dropout."""
 
   cfg: ModelConfig
   deterministic: bool = True
@@ -97,114 +161,103 @@ class Embedder(nn.Module):
     """ids [batch, seq] -> [batch, seq, embed]."""
     cfg = self.cfg
     x = embed(ids)
-    if cfg.position == "sinusoidal":
-      x = x + pos_lib.sinusoidal(positions, cfg.d_model).astype(x.dtype)
-    elif cfg.position == "learned":
-      x = x + PositionEmbed(cfg, name="position_embedding")(positions)
+    table = PositionEmbed(cfg, name="position_embedding")() if cfg.position == "learned" else None
+    absolute = pos_lib.absolute(cfg.position, positions, cfg.d_model, table)
+    if absolute is not None:
+      x = x + absolute.astype(x.dtype)
     if cfg.num_token_types:
-      table = self.param("token_type_embedding", nn.with_logical_partitioning(
+      types = self.param("token_type_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(cfg.init_std or 0.02), ("token_types", "embed")),
-          (cfg.num_token_types, cfg.d_model), cfg.weight_dtype)
+          (cfg.num_token_types, cfg.d_model), cfg.param_dtype)
       tt = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
-      x = x + jnp.take(jnp.asarray(table, cfg.compute_dtype), tt, axis=0)
+      x = x + jnp.take(jnp.asarray(types, cfg.dtype), tt, axis=0)
     if cfg.embed_norm:
       x = norm(cfg, "embed_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
     return nn.with_logical_constraint(x, ACT)
 
 
-def _segments(ids: Array, segment_ids: Optional[Array], padding_mask: Optional[Array]) -> Optional[Array]:
-  """Segment ids from either packing ids or a padding mask (1 = real token); None = no masking."""
-  if segment_ids is not None:
-    return segment_ids.astype(jnp.int32)
-  if padding_mask is not None:
-    return padding_mask.astype(jnp.int32)
-  return None
-
-
-def _positions(ids: Array, positions: Optional[Array]) -> Array:
-  if positions is not None:
-    return positions.astype(jnp.int32)
-  return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-
-
-class _LogitsHead(nn.Module):
-  """Un-embedding: tied to the token table or a separate [embed, vocab] projection."""
+class Head(nn.Module):
+  """Un-embedding: tied to the token table or a separate [embed, vocab] projection; float32 logits."""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, embed: Embed) -> Array:
-    """[batch, seq, embed] -> float32 logits [batch, seq, vocab]."""
+    """[batch, seq, embed] -> [batch, seq, vocab]."""
     cfg = self.cfg
     if cfg.tie_embeddings:
-      if cfg.scale_tied_logits:
-        x = x * cfg.d_model ** -0.5
-      logits = embed.attend(x)
+      logits = embed.attend(x * cfg.d_model ** -0.5 if cfg.scale_tied_logits else x)
       if cfg.logits_bias:
         logits = logits + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                                     (cfg.vocab_size,), cfg.weight_dtype)
+                                     (cfg.vocab_size,), cfg.param_dtype)
     else:
       logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "logits", use_bias=cfg.logits_bias)(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-class DecoderOnly(nn.Module):
-  """GPT-style causal LM; with architecture='prefix_lm', bidirectional over `prefix_len` tokens."""
+def _inputs(ids: Array, positions: Optional[Array], segment_ids: Optional[Array],
+            padding_mask: Optional[Array]) -> tuple[Array, Optional[Array]]:
+  """Positions (default 0..len-1) and segment ids (packing ids, else a padding mask: 1 = real token)."""
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape) if positions is None else positions
+  seg = segment_ids if segment_ids is not None else padding_mask
+  return pos.astype(jnp.int32), None if seg is None else seg.astype(jnp.int32)
+
+
+class Transformer(nn.Module):
+  """Decoder-only (GPT), prefix-LM or encoder-only (BERT, with its MLM transform) over one sequence."""
 
   cfg: ModelConfig
   deterministic: bool = True
   decode: bool = False
 
-  @nn.compact
+  def setup(self) -> None:
+    """Token table, embedder, one stack named by its role, the MLM transform (encoder) and the head."""
+    cfg = self.cfg
+    if cfg.architecture not in MASK_MODES:
+      raise ValueError(f"Transformer runs {tuple(MASK_MODES)}, not {cfg.architecture!r}")
+    if self.decode and cfg.architecture == "encoder":
+      raise ValueError("encoder-only models do not decode")
+    self.token_embedding = Embed(cfg)
+    self.embedder = Embedder(cfg, self.deterministic)
+    stack = Stack(cfg, cfg.num_layers, MASK_MODES[cfg.architecture], deterministic=self.deterministic,
+                  decode=self.decode)
+    if cfg.architecture == "encoder":
+      self.encoder = stack
+      if cfg.mlm_transform:
+        self.mlm_dense = dense(cfg, cfg.d_model, ("embed", "embed_out"))
+        self.mlm_norm = norm(cfg)
+    else:
+      self.decoder = stack
+    self.head = Head(cfg)
+
   def __call__(self, input_ids: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, padding_mask: Optional[Array] = None,
                prefix_len: Optional[Array] = None, token_type_ids: Optional[Array] = None) -> Array:
-    """input_ids [batch, seq] -> logits [batch, seq, vocab]."""
+    """input_ids [batch, seq] -> logits [batch, seq, vocab]. Decoding needs explicit positions."""
     cfg = self.cfg
     if prefix_len is not None and cfg.architecture != "prefix_lm":
       raise ValueError(f"prefix_len needs architecture='prefix_lm', not {cfg.architecture!r}")
     if self.decode and positions is None:
       raise ValueError("decoding needs explicit positions (-1 marks padding)")
-    embed = Embed(cfg, name="token_embedding")
-    pos = _positions(input_ids, positions)
-    x = Embedder(cfg, self.deterministic, name="embedder")(embed, input_ids, pos, token_type_ids)
-    aux = {"positions": pos, "segment_ids": None if self.decode else _segments(input_ids, segment_ids, padding_mask),
-           "prefix_len": prefix_len}
-    x = Stack(cfg, cfg.num_layers, causal=True, deterministic=self.deterministic, decode=self.decode,
-              name="decoder")(x, aux)
-    return _LogitsHead(cfg, name="head")(x, embed)
-
-
-class EncoderOnly(nn.Module):
-  """BERT-style bidirectional encoder with a masked-LM head."""
-
-  cfg: ModelConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, input_ids: Array, *, positions: Optional[Array] = None,
-               segment_ids: Optional[Array] = None, padding_mask: Optional[Array] = None,
-               token_type_ids: Optional[Array] = None) -> Array:
-    """input_ids [batch, seq] -> MLM logits [batch, seq, vocab]."""
-    cfg = self.cfg
-    embed = Embed(cfg, name="token_embedding")
-    pos = _positions(input_ids, positions)
-    x = Embedder(cfg, self.deterministic, name="embedder")(embed, input_ids, pos, token_type_ids)
-    aux = {"positions": pos, "segment_ids": _segments(input_ids, segment_ids, padding_mask)}
-    x = Stack(cfg, cfg.num_layers, causal=False, deterministic=self.deterministic, name="encoder")(x, aux)
-    if cfg.mlm_transform:
-      x = dense(cfg, cfg.d_model, ("embed", "embed_out"), "mlm_dense")(x)
-      x = norm(cfg, "mlm_norm")(activation(cfg.activation)(x))
-    return _LogitsHead(cfg, name="head")(x, embed)
+    pos, seg = _inputs(input_ids, positions, segment_ids, padding_mask)
+    x = self.embedder(self.token_embedding, input_ids, pos, token_type_ids)
+    inputs = Inputs(pos, None if self.decode else seg, prefix_len)
+    if cfg.architecture == "encoder":
+      x = self.encoder(x, inputs)
+      if cfg.mlm_transform:
+        x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
+    else:
+      x = self.decoder(x, inputs)
+    return self.head(x, self.token_embedding)
 
 
 class EncoderDecoder(nn.Module):
-  """Vaswani et al. / T5 encoder-decoder. `encode` and `decode` are usable on their own (generation)."""
+  """Vaswani et al. / T5 encoder-decoder; `encode` runs alone too (generation feeds `encoded` back)."""
 
   cfg: ModelConfig
   deterministic: bool = True
-  decode_mode: bool = False
+  decode: bool = False
 
   def setup(self) -> None:
     """Shared token table, one embedder per side, two stacks, one head."""
@@ -212,44 +265,33 @@ class EncoderDecoder(nn.Module):
     self.token_embedding = Embed(cfg)
     self.encoder_embedder = Embedder(cfg, self.deterministic)
     self.decoder_embedder = Embedder(cfg, self.deterministic)
-    self.encoder = Stack(cfg, cfg.encoder_layers, causal=False, deterministic=self.deterministic)
-    self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=True, deterministic=self.deterministic,
-                         decode=self.decode_mode)
-    self.head = _LogitsHead(cfg)
+    self.encoder = Stack(cfg, cfg.encoder_layers, "bidirectional", deterministic=self.deterministic)
+    self.decoder = Stack(cfg, cfg.num_layers, "causal", cross=True, deterministic=self.deterministic,
+                         decode=self.decode)
+    self.head = Head(cfg)
 
   def encode(self, encoder_input_ids: Array, *, encoder_positions: Optional[Array] = None,
              encoder_segment_ids: Optional[Array] = None, encoder_padding_mask: Optional[Array] = None) -> Array:
     """Encoder outputs [batch, src, embed]."""
-    pos = _positions(encoder_input_ids, encoder_positions)
-    x = self.encoder_embedder(self.token_embedding, encoder_input_ids, pos, None)
-    seg = _segments(encoder_input_ids, encoder_segment_ids, encoder_padding_mask)
-    return self.encoder(x, {"positions": pos, "segment_ids": seg})
+    pos, seg = _inputs(encoder_input_ids, encoder_positions, encoder_segment_ids, encoder_padding_mask)
+    return self.encoder(self.encoder_embedder(self.token_embedding, encoder_input_ids, pos, None), Inputs(pos, seg))
 
-  def decode(self, encoded: Optional[Array], decoder_input_ids: Array, *,
-             encoder_segment_ids: Optional[Array] = None, encoder_padding_mask: Optional[Array] = None,
-             decoder_positions: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
-             decoder_padding_mask: Optional[Array] = None) -> Array:
-    """Decoder logits [batch, tgt, vocab]; `encoded` may be None on cached decode steps."""
-    if self.decode_mode and decoder_positions is None:
+  def __call__(self, encoder_input_ids: Optional[Array], decoder_input_ids: Array, *,
+               encoded: Optional[Array] = None, encoder_positions: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None, encoder_padding_mask: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+               decoder_padding_mask: Optional[Array] = None) -> Array:
+    """(source ids, target-input ids) -> logits [batch, tgt, vocab].
+
+    Generation passes `encoded` (from `encode`) instead of source ids, or neither on cached decode steps.
+    """
+    if encoded is None and encoder_input_ids is not None:
+      encoded = self.encode(encoder_input_ids, encoder_positions=encoder_positions,
+                            encoder_segment_ids=encoder_segment_ids, encoder_padding_mask=encoder_padding_mask)
+    if self.decode and decoder_positions is None:
       raise ValueError("decoding needs explicit decoder_positions")
-    pos = _positions(decoder_input_ids, decoder_positions)
+    pos, seg = _inputs(decoder_input_ids, decoder_positions, decoder_segment_ids, decoder_padding_mask)
+    enc_seg = _inputs(decoder_input_ids, None, encoder_segment_ids, encoder_padding_mask)[1]
     x = self.decoder_embedder(self.token_embedding, decoder_input_ids, pos, None)
-    dec_seg = None if self.decode_mode else _segments(decoder_input_ids, decoder_segment_ids, decoder_padding_mask)
-    enc_seg = _segments(decoder_input_ids, encoder_segment_ids, encoder_padding_mask)
-    cross_q = None  # cross-attention masks padded (or other-example) encoder positions
-    if enc_seg is not None:
-      cross_q = dec_seg if dec_seg is not None else jnp.ones(decoder_input_ids.shape, jnp.int32)
-    aux = {"positions": pos, "segment_ids": dec_seg, "encoded": encoded, "encoder_segment_ids": enc_seg,
-           "cross_q_segment_ids": cross_q}
-    return self.head(self.decoder(x, aux), self.token_embedding)
-
-  def __call__(self, encoder_input_ids: Array, decoder_input_ids: Array, *,
-               encoder_positions: Optional[Array] = None, encoder_segment_ids: Optional[Array] = None,
-               encoder_padding_mask: Optional[Array] = None, decoder_positions: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None, decoder_padding_mask: Optional[Array] = None) -> Array:
-    """(source ids, target-input ids) -> logits [batch, tgt, vocab]."""
-    encoded = self.encode(encoder_input_ids, encoder_positions=encoder_positions,
-                          encoder_segment_ids=encoder_segment_ids, encoder_padding_mask=encoder_padding_mask)
-    return self.decode(encoded, decoder_input_ids, encoder_segment_ids=encoder_segment_ids,
-                       encoder_padding_mask=encoder_padding_mask, decoder_positions=decoder_positions,
-                       decoder_segment_ids=decoder_segment_ids, decoder_padding_mask=decoder_padding_mask)
+    x = self.decoder(x, Inputs(pos, None if self.decode else seg, encoded=encoded, encoder_segment_ids=enc_seg))
+    return self.head(x, self.token_embedding)

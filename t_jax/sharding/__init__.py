@@ -4,7 +4,6 @@ from t_jax.sharding.distributed import (
                                         cluster_environment,
                                         initialize_distributed,
                                         is_primary,
-                                        maybe_initialize_from_flags,
 )
 from t_jax.sharding.mesh import AXES, MeshConfig, make_mesh, mesh_shape
 from t_jax.sharding.partitioner import Partitioner, bytes_per_device, resolve_spec

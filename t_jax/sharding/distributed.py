@@ -3,7 +3,8 @@
 One JAX process runs per host (TPU VM worker, or GPU node) or per GPU; all processes run the same
 program over one global mesh. `initialize_distributed` must run before anything touches a device.
 
-  * Explicit: --coordinator_address=host:port --num_processes=N --process_id=i (any machines).
+  * Explicit: coordinator_address='host:port', num_processes=N, process_id=i (launch/flags.py: the same
+    as --coordinator_address/--num_processes/--process_id).
   * Cloud TPU pod slice, SLURM (inside `srun`), Open MPI: call with no arguments; JAX reads the
     cluster environment itself (TPU metadata server, SLURM_* / OMPI_* variables).
   * Otherwise (a single process): nothing to do.
@@ -19,15 +20,8 @@ import os
 from typing import Optional
 
 import jax
-from absl import flags
 
 log = logging.getLogger(__name__)
-
-COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for jax.distributed (unset: auto-detect or single process).")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes (unset: auto-detect).")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (unset: auto-detect).")
-
 
 def cluster_environment() -> Optional[str]:
   """The multi-process environment JAX can auto-configure from, or None: 'slurm', 'ompi' or 'tpu'."""
@@ -69,13 +63,6 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
-
-
-def maybe_initialize_from_flags() -> bool:
-  """initialize_distributed() from --coordinator_address / --num_processes / --process_id."""
-  if not flags.FLAGS.is_parsed():
-    return initialize_distributed()
-  return initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
 
 def is_primary() -> bool:

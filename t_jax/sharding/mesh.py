@@ -7,14 +7,12 @@ import math
 from collections.abc import Sequence
 from typing import Optional
 
-import gin
 import jax
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Mesh axis sizes (one may be -1: the remaining devices) and the logical-axis rule preset."""
@@ -44,12 +42,11 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(cfg: Optional[MeshConfig] = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A Mesh over all (or the given) devices; jax.make_mesh picks a topology-aware device order.
 
   Axes are `Auto` (GSPMD propagation from the shardings we give), not JAX's explicit mode.
   """
-  cfg = MeshConfig() if cfg is None else cfg
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

@@ -6,7 +6,7 @@ skipped so that a later rule (or none: replicated) applies. With `indivisible="r
 default) each such fallback is logged once as a warning; with `indivisible="error"` it raises.
 Activation constraints go through flax unchanged; XLA pads uneven activation splits itself.
 
-  part = Partitioner.from_config()                     # MeshConfig from gin
+  part = Partitioner.from_config(MeshConfig(fsdp=-1, data=1, rules='fsdp'))
   state, shardings = part.init(init_fn, key)           # init_fn returns boxed params (+ optimizer state)
   with part.context():                                 # trace model code here
     step = jax.jit(train_step, in_shardings=(shardings, part.batch_sharding),
@@ -87,9 +87,8 @@ class Partitioner:
     self._warned: set[tuple] = set()
 
   @classmethod
-  def from_config(cls, cfg: Optional[MeshConfig] = None) -> Partitioner:
-    """Builds the mesh and rules described by a MeshConfig (gin-configurable)."""
-    cfg = MeshConfig() if cfg is None else cfg
+  def from_config(cls, cfg: MeshConfig) -> Partitioner:
+    """Builds the mesh and rules described by a MeshConfig."""
     return cls(make_mesh(cfg), rules_for(cfg.rules), cfg.indivisible)
 
   @contextlib.contextmanager

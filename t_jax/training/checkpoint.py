@@ -1,22 +1,26 @@
-"""Checkpoints under DIR/checkpoints/<step>/{state, data} with orbax; converted-params reading for init_from.
+"""Checkpoints under DIR/checkpoints/<step>/{state, data, config} with orbax.
 
 orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save that was
-killed half-way never looks like a checkpoint: restore takes the newest complete step (we say so).
+killed half-way never looks like a checkpoint. A complete step that cannot be read (a truncated array file,
+a missing _METADATA, an empty directory) is moved to DIR/checkpoints_broken/ and the previous step restored.
+`config` is the fingerprint of what the parameters mean (model and task fields; not the schedule): a resume
+that changes it is refused unless allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from typing import Any, Optional
 
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t_jax.training.config import TrainConfig
 from t_jax.training.metrics import log
+from t_jax.workdir import check_params
 
 PyTree = Any
 
@@ -34,53 +38,97 @@ def make_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=cfg.async_checkpoints,
       cleanup_tmp_directories=True, create=True)
-  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree, data_iter: Any,
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree, data_iter: Any, fingerprint: dict,
          metrics: Optional[dict] = None) -> None:
-  """Starts an (async) save of the train state and the data iterator position; no-op if already saved."""
+  """Starts an (async) save of the train state, data iterator position and fingerprint; no-op if saved."""
   if manager.latest_step() == step:
     return
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter))
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                            config=ocp.args.JsonSave(fingerprint))
   manager.save(step, args=args, metrics=metrics, force=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: PyTree, data_iter: Any) -> Optional[PyTree]:
-  """The newest complete checkpoint (state placed like `target`; data_iter repositioned), or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  saved = manager.item_metadata(step)["state"]
-  check_params(saved["params"], target["params"], f"checkpoint {manager.directory / str(step)}")
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter))
-  try:
-    restored = manager.restore(step, args=args)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"checkpoint {manager.directory / str(step)} does not fit the configured run "
-                     f"(optimizer changed?): {e}") from e
-  log(f"checkpoints: resuming from step {step} ({manager.directory / str(step)})")
-  return restored["state"]
+def restore_latest(manager: ocp.CheckpointManager, target: PyTree, data_iter: Any, fingerprint: dict,
+                   allow_change: bool = False) -> Optional[PyTree]:
+  """The newest readable checkpoint (state placed like `target`; data_iter repositioned), or None.
+
+  Steps that cannot be read are moved aside (never deleted) when an older one can; if none can, the newest
+  one's error is raised. A changed fingerprint is refused (ValueError listing it) unless `allow_change`.
+  """
+  broken, first_error = [], None
+  for step in sorted(manager.all_steps(), reverse=True):
+    where = manager.directory / str(step)
+    try:
+      saved = manager.item_metadata(step)["state"]["params"]
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata
+      first_error = first_error or e
+      broken.append(step)
+      log(f"checkpoints: {where} cannot be read ({type(e).__name__}: {str(e)[:200]})")
+      continue
+    check_params(saved, target["params"], f"checkpoint {where}")  # another model: refused
+    _check_fingerprint(manager, step, fingerprint, allow_change)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                              data=grain.checkpoint.CheckpointRestore(data_iter))
+    try:
+      restored = manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - a truncated or missing array file, or a changed optimizer
+      first_error = first_error or e
+      broken.append(step)
+      log(f"checkpoints: {where} cannot be restored ({type(e).__name__}: {str(e)[:200]})")
+      continue
+    _move_aside(manager, broken)
+    log(f"checkpoints: resuming from step {step} ({where})")
+    return restored["state"]
+  if broken:
+    raise ValueError(f"no checkpoint in {manager.directory} can be restored into the configured run "
+                     f"(optimizer changed?): {first_error}")
+  return None
 
 
-def check_params(saved: PyTree, expected: PyTree, where: str) -> None:
-  """Raises ValueError naming the first parameters whose names or shapes differ."""
-  saved_shapes = _shapes(saved)
-  expected_shapes = _shapes(expected)
-  if saved_shapes == expected_shapes:
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves unreadable step directories to DIR/checkpoints_broken/<step> and makes orbax forget them."""
+  if not steps:
     return
-  missing = sorted(set(expected_shapes) - set(saved_shapes))[:3]
-  extra = sorted(set(saved_shapes) - set(expected_shapes))[:3]
-  differ = [f"{k}: saved {saved_shapes[k]} vs model {v}" for k, v in expected_shapes.items()
-            if k in saved_shapes and saved_shapes[k] != v][:3]
-  raise ValueError(f"{where} does not match the configured ModelConfig: missing {missing}, unexpected {extra}, "
-                   f"different shapes {differ}")
+  aside = manager.directory.parent / "checkpoints_broken"
+  aside.mkdir(exist_ok=True)
+  for step in steps:
+    dest = aside / str(step)
+    n = 1
+    while dest.exists():
+      dest, n = aside / f"{step}.{n}", n + 1
+    shutil.move(str(manager.directory / str(step)), str(dest))
+    log(f"checkpoints: moved the unreadable step {step} to {dest}; restoring an older one")
+  manager.reload()
 
 
-def _shapes(tree: PyTree) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+def fingerprint(model: Any, task: Any) -> dict:
+  """What the parameters mean: model fields except run-time ones, and the task's tokenizer and objective."""
+  from t_jax.models.config import RUNTIME_FIELDS
+  out = {f"ModelConfig.{k}": v for k, v in dataclasses.asdict(model).items() if k not in RUNTIME_FIELDS}
+  out.update({f"TaskConfig.{k}": getattr(task, k) for k in ("tokenizer", "vocab_size", "num_extra_ids",
+                                                            "tokenizer_type")})
+  out["TaskConfig.objective"] = type(task.objective).__name__
+  return out
+
+
+def _check_fingerprint(manager: ocp.CheckpointManager, step: int, now: dict, allow_change: bool) -> None:
+  if not (manager.directory / str(step) / "config").is_dir():
+    return  # a checkpoint from before fingerprints
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+  if not changed:
+    return
+  if not allow_change:
+    raise ValueError(f"the run changed what its parameters mean since checkpoint {step}: {'; '.join(changed)} "
+                     "(schedule and run-time changes are allowed; pass --allow_config_change to override)")
+  log(f"warning: resuming with changed model/task config (--allow_config_change): {'; '.join(changed)}")
+  with open(manager.directory.parent / "config_changes.log", "a") as f:
+    f.write(f"step {step}: {'; '.join(changed)}\n")
 
 
 def check_converted(workdir: str, expected: PyTree) -> None:
@@ -92,18 +140,3 @@ def check_converted(workdir: str, expected: PyTree) -> None:
     raise ValueError(f"TrainConfig.init_from={workdir!r} has no params/ checkpoint")
   with ocp.StandardCheckpointer() as ckptr:
     check_params(ckptr.metadata(directory).item_metadata.tree, expected, directory)
-
-
-def read_params(directory: str, target: PyTree) -> PyTree:
-  """Plain params saved with orbax StandardCheckpointer (the conversion workdir contract: DIR/params/)."""
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise ValueError(f"no parameter checkpoint at {directory}")
-  with ocp.StandardCheckpointer() as ckptr:
-    check_params(ckptr.metadata(directory).item_metadata.tree, target, directory)
-    return ckptr.restore(directory, target)
-
-
-def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
-  """ShapeDtypeStructs with the given shardings: restore targets."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)

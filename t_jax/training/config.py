@@ -1,18 +1,22 @@
-"""TrainConfig and OptimizerConfig: every knob of a training run, set from gin (configs/experiments/*.gin)."""
+"""Experiment = ModelConfig + TaskConfig + TrainConfig + OptimizerConfig + MeshConfig: one whole run.
+
+Plain frozen dataclasses: launchers fill them from gin (launch/config.py), notebooks construct them directly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-import gin
+from t_jax.data.task import TaskConfig
+from t_jax.models import ModelConfig
+from t_jax.sharding import MeshConfig
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
 ON_NONFINITE = ("skip", "stop")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """The training loop: length, batch, logging, eval, checkpoints, loss extras, samples."""
@@ -56,7 +60,6 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} is not one of {ON_NONFINITE}")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Optimizer, learning-rate schedule and gradient clipping (built with optax)."""
@@ -93,3 +96,26 @@ class OptimizerConfig:
       raise ValueError("OptimizerConfig.schedule='rsqrt' needs warmup_steps >= 1")
     if self.clip_norm is not None and self.clip_norm <= 0:
       raise ValueError(f"OptimizerConfig.clip_norm must be > 0 or None, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything `t_jax.training.train` needs, checked for consistency once."""
+
+  model: ModelConfig
+  task: TaskConfig
+  train: TrainConfig = TrainConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def __post_init__(self) -> None:
+    """The objective's batches must suit the model's architecture, vocabulary and position table."""
+    model, task = self.model, self.task
+    if model.architecture not in task.objective.architectures:
+      raise ValueError(f"objective {type(task.objective).__name__} needs ModelConfig.architecture in "
+                       f"{task.objective.architectures}, got {model.architecture!r}")
+    if task.vocab_size is not None and task.vocab_size > model.vocab_size:
+      raise ValueError(f"TaskConfig.vocab_size={task.vocab_size} exceeds ModelConfig.vocab_size={model.vocab_size}")
+    if model.position == "learned" and task.max_length > model.max_len:
+      raise ValueError(f"sequence length {task.max_length} exceeds ModelConfig.max_len={model.max_len} "
+                       "(learned positions)")

@@ -1,8 +1,8 @@
 """The training loop around the pure train_step: data, checkpoints, metrics, eval, preemption.
 
 One step: batch = next(data) -> Partitioner.global_batch -> jitted train_step(state, batch) (state donated)
--> every log_every steps metrics to tqdm/metrics.jsonl/TensorBoard -> every eval_every steps an eval pass
--> every checkpoint_every steps an async orbax save of (state, data-iterator position).
+-> every log_every steps metrics to the progress bar (or one log line)/metrics.jsonl/TensorBoard -> every
+eval_every steps an eval pass -> every checkpoint_every steps an async orbax save of (state, data position).
 """
 
 from __future__ import annotations
@@ -12,40 +12,33 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from t_jax.data import Seq2Seq, Tokenizer
-from t_jax.models import ModelConfig, abstract_params, build_model, count_params
-from t_jax.sharding import Partitioner
+from t_jax import workdir as workdir_lib
+from t_jax.data import MaskedLM, Seq2Seq, Tokenizer
+from t_jax.data.task import TaskConfig, count_tokens, make_tokenizer, ordered_batches, train_iterator
+from t_jax.models import abstract_params, build_model, count_params
+from t_jax.sharding import MeshConfig, Partitioner
 from t_jax.training import checkpoint as ckpt
 from t_jax.training import sample
-from t_jax.training.config import OptimizerConfig, TrainConfig
+from t_jax.training.config import Experiment, TrainConfig
 from t_jax.training.metrics import MetricWriter, log
 from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_eval_step, make_init, make_train_step
-from t_jax.training.tasks import (
-    LM_KINDS,
-    TaskConfig,
-    check_compatible,
-    count_tokens,
-    make_tokenizer,
-    ordered_batches,
-    train_iterator,
-)
 
 
-def setup_mesh(cfg: TrainConfig) -> tuple[Partitioner, int, int]:
+def setup_mesh(cfg: TrainConfig, mesh: MeshConfig) -> tuple[Partitioner, int, int]:
   """The loop's only contact with the mesh: (partitioner, this process's batch size, accumulation steps)."""
-  partitioner = Partitioner.from_config()
+  partitioner = Partitioner.from_config(mesh)
   shards = partitioner.data_shards
   if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {shards} data shards "
@@ -86,15 +79,11 @@ def _preempted(stop: threading.Event, manager: Any, step: int) -> bool:
   return stop.is_set()
 
 
-def write_config(workdir: str) -> None:
-  """DIR/config.gin = the operative gin config; a different earlier one is kept as config.gin.N.
-
-  Written by process 0 only (every process has the same config; they would race on a shared workdir).
-  """
+def write_config(workdir: str, text: str) -> None:
+  """DIR/config.gin = the run's config; a different earlier one is kept as config.gin.N (process 0 only)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "config.gin")
-  text = gin.operative_config_str()
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
       if f.read() == text:
@@ -109,11 +98,6 @@ def write_config(workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _init_params(directory: str, target: Any) -> Any:
-  """Params of a converted workdir (DIR/config.gin + DIR/params/), restored straight into target's shardings."""
-  return ckpt.read_params(os.path.join(directory, "params"), target)
-
-
 def evaluate(eval_fn: Any, params: Any, task: TaskConfig, tok: Tokenizer, batch_size: int,
              partitioner: Partitioner, limit: Optional[int], vocab_size: int) -> tuple[dict, np.ndarray]:
   """eval_loss / eval_accuracy (/ eval_perplexity) over the eval split, and its target histogram."""
@@ -124,12 +108,12 @@ def evaluate(eval_fn: Any, params: Any, task: TaskConfig, tok: Tokenizer, batch_
   total = {k: sum(float(s[k]) for s in sums) for k in ("nll", "correct", "weight")}
   weight = max(total["weight"], 1.0)
   out = {"eval_loss": total["nll"] / weight, "eval_accuracy": total["correct"] / weight}
-  if task.kind != "mlm":
+  if not isinstance(task.objective, MaskedLM):
     out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
   return out, counts
 
 
-def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list, tokens: int, since: float) -> dict:
+def _log(writer: MetricWriter, step: int, pending: list, tokens: int, since: float) -> dict:
   """Averages the device metrics since the last log (waiting for them) and writes one row."""
   host = jax.device_get(pending)
   seconds = time.time() - since
@@ -138,8 +122,18 @@ def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list, tokens: int,
     row[k] = float(host[-1][k])
   row["tokens_per_sec"] = tokens * jax.process_count() / max(seconds, 1e-9)  # every process reads as many
   writer.write(step, row)
-  bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
   return row
+
+
+def _progress(bar: tqdm, cfg: TrainConfig, step: int, row: dict, seconds_per_step: float) -> None:
+  """Rate and ETA from completed steps (the time between logs): the bar on a terminal, else one line."""
+  eta = time.strftime("%H:%M:%S", time.gmtime((cfg.num_steps - step) * seconds_per_step))
+  if bar.disable:
+    log(f"step {step}/{cfg.num_steps}: loss {row['loss']:.4f}, {row['tokens_per_sec']:,.0f} tokens/s, "
+        f"{1000 * seconds_per_step:.0f} ms/step, eta {eta}")
+    return
+  bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", eta=eta, refresh=False)
+  bar.update(step - bar.n)
 
 
 def _check_finite(cfg: TrainConfig, consecutive: int, step: int) -> None:
@@ -151,18 +145,19 @@ def _check_finite(cfg: TrainConfig, consecutive: int, step: int) -> None:
 
 
 def _samples(cfg: TrainConfig, task: TaskConfig, model: nn.Module, params: Any, tok: Tokenizer) -> list:
-  """A few LM continuations or seq2seq outputs from the start of eval (or train) documents."""
-  if not cfg.num_samples or not (task.kind in LM_KINDS or isinstance(task.objective, Seq2Seq)):
+  """A few LM continuations or seq2seq outputs from eval (or train) documents spread over the split."""
+  if not cfg.num_samples or not (task.is_lm or isinstance(task.objective, Seq2Seq)):
     return []
   source = task.eval_source if task.eval_source is not None else task.train_source
-  key = task.objective.text_key if task.kind in LM_KINDS else task.objective.inputs_key
+  key = task.objective.text_key if task.is_lm else task.objective.inputs_key
   spread = [source[i * len(source) // (4 * cfg.num_samples)] for i in range(4 * cfg.num_samples)]
   spread = [d[key] for d in spread if d is not None]  # None: a record skipped when read
-  texts = [t for t in spread if len(t) > 8 * cfg.sample_prompt_len] or spread[:1]  # room to go on
-  texts = texts[:cfg.num_samples]
+  if task.is_lm:  # prompts with room to go on
+    spread = [t for t in spread if len(t) > 8 * cfg.sample_prompt_len] or spread[:1]
+  texts = spread[:cfg.num_samples]
   if not texts:
     return []
-  if task.kind in LM_KINDS:
+  if task.is_lm:
     return sample.lm_samples(model, params, tok, texts, cfg.sample_prompt_len, cfg.sample_len, cfg.temperature,
                              cfg.seed)
   return sample.seq2seq_samples(model, params, tok, texts, task.objective.inputs_len, cfg.sample_len,
@@ -185,6 +180,7 @@ class _Run:
   eval_fn: Any
   local_batch: int
   vocab_size: int
+  fingerprint: dict  # saved with every checkpoint
 
   def evaluate(self, params: Any) -> tuple[dict, np.ndarray]:
     """Eval metrics and the target histogram."""
@@ -192,58 +188,68 @@ class _Run:
                     self.cfg.eval_batches, self.vocab_size)
 
 
-def train(workdir: str) -> dict:
-  """Trains the gin-configured run in workdir, resuming from its latest checkpoint; returns a summary."""
-  model_cfg, cfg, opt_cfg, task = ModelConfig(), TrainConfig(), OptimizerConfig(), TaskConfig()
-  check_compatible(task, model_cfg)
-  partitioner, local_batch, accum = setup_mesh(cfg)
+def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, force_unlock: bool = False,
+          allow_config_change: bool = False) -> dict:
+  """Trains `exp` in workdir, resuming from its latest checkpoint; returns a summary.
+
+  `config_text` is written to DIR/config.gin once the run is accepted (launchers pass the gin config;
+  default: one line per config field). A finished run returns at once. Resuming with a model or task
+  that changes what the parameters mean is refused unless `allow_config_change`.
+  """
+  model_cfg, cfg, task = exp.model, exp.train, exp.task
+  partitioner, local_batch, accum = setup_mesh(cfg, exp.mesh)
   train_model, eval_model = build_model(model_cfg, deterministic=False), build_model(model_cfg)
   if cfg.init_from is not None:
     ckpt.check_converted(cfg.init_from, nn.meta.unbox(abstract_params(eval_model)))
   os.makedirs(workdir, exist_ok=True)
-  tok = make_tokenizer(task, model_cfg, workdir)
-  write_config(workdir)
-
-  tx, schedule = make_optimizer(opt_cfg, cfg.num_steps), make_schedule(opt_cfg, cfg.num_steps)
-  init, key = make_init(eval_model, tx, length=8), jax.random.key(cfg.seed)
-  abstract = jax.eval_shape(init, key)
-  shardings = partitioner.shardings(abstract)
-  target = ckpt.abstract_like(nn.meta.unbox(abstract), shardings)
-  manager = ckpt.make_manager(workdir, cfg)
-  data_it = train_iterator(task, tok, local_batch, cfg.seed)
-  state = ckpt.restore_latest(manager, target, data_it)
-  if state is None:
-    state, _ = partitioner.init(init, key)
-    if cfg.init_from is not None:
-      state["params"] = _init_params(cfg.init_from, target["params"])
-      log(f"initialised parameters from {cfg.init_from}")
-  log(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
+  with workdir_lib.lock(workdir, force=force_unlock):
+    tok = make_tokenizer(task, model_cfg.vocab_size, workdir)
+    tx, schedule = make_optimizer(exp.optimizer, cfg.num_steps), make_schedule(exp.optimizer, cfg.num_steps)
+    init, key = make_init(eval_model, tx, length=8), jax.random.key(cfg.seed)
+    abstract = jax.eval_shape(init, key)
+    shardings, target = partitioner.shardings(abstract), partitioner.abstract(abstract)
+    manager = ckpt.make_manager(workdir, cfg)
+    data_it = train_iterator(task, tok, local_batch, cfg.seed)
+    meaning = ckpt.fingerprint(model_cfg, task)
+    state = ckpt.restore_latest(manager, target, data_it, meaning, allow_config_change)  # or refuses
+    write_config(workdir, config_text or workdir_lib.config_to_gin(model_cfg, task, cfg, exp.optimizer, exp.mesh))
+    if state is not None and int(state["step"]) >= cfg.num_steps:
+      log(f"run already finished at step {int(state['step'])} (TrainConfig.num_steps={cfg.num_steps}); "
+          "nothing to do")
+      return {"step": int(state["step"]), "finished": True}
+    if state is None:
+      state, _ = partitioner.init(init, key)
+      if cfg.init_from is not None:
+        state["params"] = workdir_lib.read_params(cfg.init_from, target["params"])
+        log(f"initialised parameters from {cfg.init_from}")
+    slots = cfg.batch_size * max(task.objective.lengths().values())
+    log(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
         f"parameters; objective {type(task.objective).__name__}; vocab {tok.vocab_size}; devices "
-        f"{jax.device_count()}; batch {cfg.batch_size} ({accum} microbatches); workdir {workdir}")
-
-  with partitioner.context():
-    step_fn = jax.jit(make_train_step(train_model, tx, task.kind, cfg, schedule, accum, shardings["params"]),
-                      in_shardings=(shardings, partitioner.batch_sharding),
-                      out_shardings=(shardings, partitioner.replicated), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(eval_model, task.kind),
-                      in_shardings=(shardings["params"], partitioner.batch_sharding),
-                      out_shardings=partitioner.replicated)
-    run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn, local_batch,
-               model_cfg.vocab_size)
-    writer = MetricWriter(workdir, start_step=int(state["step"]))
-    try:
-      return _loop(run, state, writer)
-    finally:
-      manager.wait_until_finished()
-      writer.close()
+        f"{jax.device_count()}; batch {cfg.batch_size} rows{' (packed)' if task.objective.pack else ''}, "
+        f"{slots:,} token slots, {accum} microbatch(es); workdir {workdir}")
+    with partitioner.context():
+      step_fn = jax.jit(make_train_step(train_model, tx, task.objective, cfg, schedule, accum, shardings["params"]),
+                        in_shardings=(shardings, partitioner.batch_sharding),
+                        out_shardings=(shardings, partitioner.replicated), donate_argnums=0)
+      eval_fn = jax.jit(make_eval_step(eval_model, task.objective),
+                        in_shardings=(shardings["params"], partitioner.batch_sharding),
+                        out_shardings=partitioner.replicated)
+      run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn, local_batch,
+                 model_cfg.vocab_size, meaning)
+      writer = MetricWriter(workdir, start_step=int(state["step"]))
+      try:
+        return _loop(run, state, writer)
+      finally:
+        manager.wait_until_finished()
+        writer.close()
 
 
 def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
   """Steps from the state's step to num_steps, then the final eval, checkpoint, baseline and samples."""
   cfg, start = run.cfg, int(state["step"])
-  bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True,
-             disable=not cfg.progress_bar or jax.process_index() != 0)
-  pending, tokens, t_log, summary = [], 0, time.time(), {}
+  interactive = cfg.progress_bar and jax.process_index() == 0 and sys.stderr.isatty()
+  bar = tqdm(total=cfg.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not interactive)
+  pending, tokens, t_log, logged, summary = [], 0, time.time(), start, {}
   with preemption_signals() as stop:
     for step in range(start + 1, cfg.num_steps + 1):
       batch = next(run.data_it)
@@ -254,22 +260,23 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
         _check_finite(cfg, int(metrics["consecutive_skips"]), step)
       if step % cfg.log_every == 0 or step == cfg.num_steps:
         skipped = summary.get("skipped_steps", 0)
-        summary.update(_log(writer, bar, step, pending, tokens, t_log))
+        summary.update(_log(writer, step, pending, tokens, t_log))
+        _progress(bar, cfg, step, summary, (time.time() - t_log) / (step - logged))
         if summary["skipped_steps"] > skipped:
           log(f"step {step}: skipped {int(summary['skipped_steps'] - skipped)} update(s) with a non-finite "
               f"loss or gradient ({int(summary['skipped_steps'])} in all)")
         _check_finite(cfg, int(summary["consecutive_skips"]), step)
-        pending, tokens, t_log = [], 0, time.time()
+        pending, tokens, t_log, logged = [], 0, time.time(), step
       eval_metrics = None
       if run.task.eval_source is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
         eval_metrics = run.evaluate(state["params"])[0]
         writer.write(step, eval_metrics)
         log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+        t_log = time.time()  # the rate counts training steps only
       if step % cfg.checkpoint_every == 0:
-        ckpt.save(run.manager, step, state, run.data_it, eval_metrics)
-      bar.update(1)
+        ckpt.save(run.manager, step, state, run.data_it, run.fingerprint, eval_metrics)
       if _preempted(stop, run.manager, step):
-        ckpt.save(run.manager, step, state, run.data_it)
+        ckpt.save(run.manager, step, state, run.data_it, run.fingerprint)
         bar.close()
         log(f"preempted: saved a checkpoint at step {step}; re-run the same command to resume")
         return {**summary, "step": step, "preempted": True}
@@ -284,7 +291,7 @@ def _finish(run: _Run, state: Any, writer: MetricWriter) -> dict:
   if run.task.eval_source is not None:
     eval_metrics, eval_counts = run.evaluate(state["params"])
     out.update(eval_metrics)
-    if run.task.kind in LM_KINDS and run.cfg.unigram_baseline_batches:
+    if run.task.is_lm and run.cfg.unigram_baseline_batches:
       train_counts = sample.target_counts(ordered_batches(run.task, run.tok, run.task.train_source,
                                                           run.local_batch, run.cfg.unigram_baseline_batches),
                                           run.vocab_size)
@@ -295,7 +302,8 @@ def _finish(run: _Run, state: Any, writer: MetricWriter) -> dict:
     if "unigram_perplexity" in out:
       log(f"validation perplexity {out['eval_perplexity']:.2f} vs unigram baseline "
             f"{out['unigram_perplexity']:.2f}")
-  ckpt.save(run.manager, step, state, run.data_it, eval_metrics and {"eval_loss": eval_metrics["eval_loss"]})
+  ckpt.save(run.manager, step, state, run.data_it, run.fingerprint,
+            eval_metrics and {"eval_loss": eval_metrics["eval_loss"]})
   out["samples"] = _samples(run.cfg, run.task, run.model, state["params"], run.tok)
   for prompt, text in out["samples"]:
     log(f"sample: {prompt!r} -> {text!r}")

@@ -44,12 +44,23 @@ class MetricWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
-  """Keeps the rows with row['step'] <= step, so a resumed run does not log its replayed steps twice."""
+  """Keeps the rows with row['step'] <= step, so a resumed run does not log its replayed steps twice.
+
+  A torn last line (a crash mid-write) is dropped with a message; a torn line elsewhere is an error naming it.
+  """
   if not os.path.exists(path):
     return
   with open(path) as f:
-    lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in f.readlines() if line.strip()]
+  rows = []
+  for n, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n < len(lines):
+        raise ValueError(f"{path}:{n} is not a JSON row ({e}); fix or remove that line") from e
+      log(f"{path}: dropping its torn last line ({e})")
+  kept = [line for line, row in zip(lines, rows) if row["step"] <= step]
   if len(kept) != len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)

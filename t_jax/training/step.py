@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t_jax.data import Objective
 from t_jax.models import init_boxed
 from t_jax.training.config import TrainConfig
 from t_jax.training.losses import token_losses
-from t_jax.training.tasks import Batch, forward
 
 State = dict[str, Any]
+Batch = dict[str, jax.Array]
 
 
 def _rebox(value: jax.Array, box: Any) -> Any:
@@ -48,7 +49,13 @@ def _microbatches(batch: Batch, accum: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str, cfg: TrainConfig,
+def _logits(model: nn.Module, params: Any, objective: Objective, batch: Batch, rngs: Any = None) -> jax.Array:
+  """The model applied to a batch, with the arguments its objective names."""
+  args, kwargs = objective.model_inputs(batch)
+  return model.apply({"params": params}, *args, **kwargs, rngs=rngs)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: Objective, cfg: TrainConfig,
                     schedule: optax.Schedule, accum: int = 1, param_shardings: Any = None
                     ) -> Callable[[State, Batch], tuple[State, dict]]:
   """train_step(state, batch) -> (state, metrics); gradients summed over `accum` microbatches (lax.scan).
@@ -57,8 +64,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
   """
 
   def loss_fn(params: Any, batch: Batch, key: jax.Array, total_weight: jax.Array) -> tuple[jax.Array, dict]:
-    logits, targets, weights = forward(model, params, batch, kind, rngs={"dropout": key})
-    sums = token_losses(logits, targets, weights, cfg.label_smoothing, cfg.z_loss)
+    logits = _logits(model, params, objective, batch, {"dropout": key})
+    sums = token_losses(logits, batch[objective.label_key], batch["weights"], cfg.label_smoothing, cfg.z_loss)
     return sums["loss"] / total_weight, sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -94,11 +101,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
   return train_step
 
 
-def make_eval_step(model: nn.Module, kind: str) -> Callable[[Any, Batch], dict]:
+def make_eval_step(model: nn.Module, objective: Objective) -> Callable[[Any, Batch], dict]:
   """eval_step(params, batch) -> summed nll, correct and weight (deterministic model)."""
 
   def eval_step(params: Any, batch: Batch) -> dict:
-    logits, targets, weights = forward(model, params, batch, kind)
-    return token_losses(logits, targets, weights)
+    logits = _logits(model, params, objective, batch)
+    return token_losses(logits, batch[objective.label_key], batch["weights"])
 
   return eval_step
