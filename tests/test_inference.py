@@ -348,6 +348,12 @@ def test_bad_requests():
       (dict(cache_len=4), "cache_len=4 is too small"),
       (dict(model=cfg.replace(architecture="encoder")), "encoder-only"),
       (dict(prompt_tokens=np.asarray([[3, 0, 4]])), "inside a prompt row"),
+      (dict(prompt_tokens="The for statement"), "string prompts need tokenizer="),
+      (dict(prompt_tokens=["a", "b"]), "string prompts need tokenizer="),
+      (dict(repetition_penalty=0.0), "repetition_penalty must be a positive"),
+      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an int >= 0"),
+      (dict(no_repeat_ngram_size=2.5), "no_repeat_ngram_size must be an int >= 0"),
+      (dict(method="speculative", draft=(cfg, params), repetition_penalty=1.2), "not supported with method='speculative'"),
   ]
   for kw, match in cases:
     kw = {"model": cfg, "prompt_tokens": ok, "max_new_tokens": 4, **kw}
@@ -384,52 +390,118 @@ class CharTokenizer:
     return "".join(chr(ord("a") + (i - 3) % 26) for i in ids if i >= 3)
 
 
-def test_decode_cli_translation_and_bleu(tmp_path, monkeypatch, capsys):
-  """launch.decode with the run loader replaced: batches, beam search, sacreBLEU of the printed outputs."""
-  import sacrebleu
+def hf_repetition(logits, seqs, penalty):
+  """Hugging Face RepetitionPenaltyLogitsProcessor on one row per sequence (numpy)."""
+  out = logits.copy()
+  for r, seq in enumerate(seqs):
+    score = logits[r, seq]
+    out[r, seq] = np.where(score < 0, score * penalty, score / penalty)
+  return out
 
-  from launch import decode
 
-  cfg = tiny(architecture="encoder_decoder")
+def hf_no_repeat(logits, seqs, n):
+  """Hugging Face NoRepeatNGramLogitsProcessor (_get_ngrams + _get_generated_ngrams) on one row per sequence."""
+  out = logits.copy()
+  for r, seq in enumerate(seqs):
+    if len(seq) + 1 < n:
+      continue
+    grams = {}
+    for gram in zip(*[seq[i:] for i in range(n)]):
+      grams.setdefault(tuple(gram[:-1]), []).append(gram[-1])
+    out[r, grams.get(tuple(seq[len(seq) + 1 - n:]), [])] = -np.inf
+  return out
+
+
+@pytest.mark.parametrize("rep,n", [(1.3, 0), (0.7, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.5, 2), (1.0, 9)])
+def test_penalty_matches_hf_reference(rep, n):
+  """Left-padded contexts, partly generated rows and junk in the padding: only the real sequence counts."""
+  from t_jax.inference import Penalty
+
+  rng = np.random.default_rng(0)
+  vocab, width, steps = 10, 5, 6
+  lengths = np.asarray([5, 3, 1, 0, 2])  # 0: an encoder-decoder-like row whose context is all generated
+  context = rng.integers(0, 4, (5, width))  # few distinct tokens: many repeats
+  out = rng.integers(0, 4, (5, steps))
+  logits = rng.normal(size=(5, vocab)).astype(np.float32) * 3
+  logits[:, 0] = 0.0
+  changed = 0
+  for i in range(steps + 1):
+    seqs = [[*c[width - n_:], *o[:i]] for c, o, n_ in zip(context, out, lengths)]
+    want = hf_no_repeat(hf_repetition(logits, seqs, rep), seqs, n) if n else hf_repetition(logits, seqs, rep)
+    got = Penalty(rep, n)(jnp.asarray(logits), jnp.asarray(context), jnp.asarray(width - lengths),
+                          jnp.asarray(out), jnp.int32(i))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    changed += int(np.isinf(want).sum() if n else (want != logits).sum())
+  assert changed or n == 9  # 9-grams rarely recur: checks that nothing is banned wrongly
+
+
+def tied(**kw):
+  """Tied embeddings make a random model repeat itself."""
+  return tiny(tie_embeddings=True, **kw)
+
+
+def repeats(seq, n):
+  """How many n-grams of seq occur earlier in it."""
+  grams = list(zip(*[seq[i:] for i in range(n)]))
+  return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("arch,method,opts", [("decoder", "greedy", {}), ("decoder", "sample", dict(temperature=0.7)),
+                                              ("encoder_decoder", "beam", dict(num_beams=3))])
+def test_no_repeat_ngram_end_to_end(arch, method, opts):
+  """With no_repeat_ngram_size=2 the output adds no repeated bigram to the row's sequence; without, it does.
+
+  The decoder's sequence starts with the prompt (whose own repeat (5, 6) stays the only one), the
+  encoder-decoder's with the decoder start token 0.
+  """
+  cfg = tied(architecture=arch, vocab_size=24)
   params = params_for(cfg)
-  monkeypatch.setattr(decode, "load_run", lambda workdir: (cfg, params, CharTokenizer()))
-  (tmp_path / "src.txt").write_text("abc\nhello there\nxyz\n")
-  (tmp_path / "ref.txt").write_text("abc\nhello\nxy\n")
-  rc = decode.main(["--workdir", str(tmp_path), "--input_file", str(tmp_path / "src.txt"), "--method", "beam",
-                    "--num_beams", "2", "--max_new_tokens", "5", "--batch_size", "2",
-                    "--reference_file", str(tmp_path / "ref.txt"), "--output_file", str(tmp_path / "out.txt")])
-  lines = capsys.readouterr().out.splitlines()
-  assert rc == 0 and len(lines) == 4
-  outs = (tmp_path / "out.txt").read_text().splitlines()
-  assert [ln.split("\t")[1] if "\t" in ln else "" for ln in lines[:3]] == outs
-  srcs = [CharTokenizer().encode(t) + [1] for t in ("abc", "hello there", "xyz")]
-  expected = [row for batch in (srcs[:2], srcs[2:])  # the CLI's batches (same shapes: no recompilation)
-              for row in generate(cfg, params, batch, 5, "beam", num_beams=2, eos_id=1, pad_multiple=8)]
-  assert outs == [CharTokenizer().decode(r[:list(r).index(1)] if 1 in r else r) for r in expected]
-  bleu = sacrebleu.corpus_bleu(outs, [["abc", "hello", "xy"]]).score
-  assert lines[3] == f"sacreBLEU: {bleu:.2f}"
-  assert decode.main(["--workdir", "x", "--prompt", "ab", "--method", "beam", "--top_k", "3"]) == 2
-  assert "deterministic" in capsys.readouterr().err
-  assert decode.main(["--workdir", "x"]) == 2
+  prompts = [[5, 6, 7, 5, 6], [9, 10], [11, 12, 13]]
+  heads = [[0] if arch == "encoder_decoder" else p for p in prompts]
+  free = generate(cfg, params, prompts, 24, method, **opts)
+  out = generate(cfg, params, prompts, 24, method, no_repeat_ngram_size=2, **opts)
+  assert any(repeats([*h, *o], 2) > repeats(h, 2) for h, o in zip(heads, free))
+  assert all(repeats([*h, *o], 2) == repeats(h, 2) for h, o in zip(heads, out))
 
 
-def test_decode_cli_loads_a_real_workdir(tmp_path, capsys):
-  """End to end through t_jax.training.load: config.gin + params/ (convert workdir) + tokenizer.model."""
-  try:
-    from t_jax.convert.workdir import write_params_workdir
-    from t_jax.data import Tokenizer
-    from t_jax.training.load import load  # noqa: F401
-  except ImportError as e:
-    pytest.skip(f"run loading is not available: {e}")
-  from launch import decode
-
-  texts = [{"text": f"the quick brown fox {i} jumps over the lazy dog {i * 7}"} for i in range(100)]
-  tok = Tokenizer.train(texts, str(tmp_path / "tokenizer.model"), vocab_size=60, num_threads=1)
-  cfg = tiny(vocab_size=tok.vocab_size)
+@pytest.mark.parametrize("arch,method", [("decoder", "greedy"), ("encoder_decoder", "beam")])
+def test_penalties_follow_hf_step_by_step(arch, method):
+  """Each token is the argmax of the HF-processed logits of a full forward pass over the row's sequence
+  (one beam with alpha 0: of the processed log-probs); top-1 sampling takes the same tokens."""
+  cfg = tied(architecture=arch)
   params = params_for(cfg)
-  write_params_workdir(tmp_path, cfg, params)
-  rc = decode.main(["--workdir", str(tmp_path), "--prompt", "the quick brown", "--max_new_tokens", "6"])
-  assert rc == 0
-  want = generate(cfg, params, [[tok.eos_id, *tok.encode("the quick brown")]], 6, eos_id=tok.eos_id)[0]
-  want = want[:list(want).index(tok.eos_id)] if tok.eos_id in want else want
-  assert capsys.readouterr().out.splitlines() == [tok.decode(want.tolist())]
+  prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+  kw = dict(num_beams=1, length_penalty=0.0) if method == "beam" else {}
+  steps, rep, n = 10, 1.8, 3
+  out = generate(cfg, params, prompts, steps, method, repetition_penalty=rep, no_repeat_ngram_size=n, **kw)
+  assert (out != generate(cfg, params, prompts, steps, method, **kw)).any()
+  logits = full_logits(cfg, params, prompts, out)
+  if method == "beam":
+    logits = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  for t in range(steps):
+    seqs = [[*([0] if arch == "encoder_decoder" else p), *o[:t]] for p, o in zip(prompts, out.tolist())]
+    want = hf_no_repeat(hf_repetition(logits[:, t], seqs, rep), seqs, n).argmax(-1)
+    np.testing.assert_array_equal(out[:, t], want)
+  if method == "greedy":
+    sampled = generate(cfg, params, prompts, steps, "sample", top_k=1, repetition_penalty=rep,
+                       no_repeat_ngram_size=n)
+    np.testing.assert_array_equal(sampled, out)
+
+
+def test_string_prompts_with_a_tokenizer():
+  """Strings are encoded with BOS in front; the continuation comes back decoded and cut at EOS."""
+  cfg = tiny()
+  params = params_for(cfg)
+  texts = ["abcd", "hello", "xyz"]
+  ids = [[1, *CharTokenizer().encode(t)] for t in texts]
+  tok = CharTokenizer()
+  tok.eos_id = int(generate(cfg, params, ids, 8)[0, 3])  # row 0 stops at step 3 (or before)
+  want, scores = generate(cfg, params, ids, 8, eos_id=tok.eos_id, return_scores=True)
+  assert (want == tok.eos_id).any()
+  cut = [tok.decode(r[:list(r).index(tok.eos_id)] if tok.eos_id in r else r) for r in want.tolist()]
+  assert generate(cfg, params, texts, 8, tokenizer=tok) == cut
+  single, score = generate(cfg, params, texts[0], 8, tokenizer=tok, return_scores=True)
+  assert single == cut[0] and isinstance(score, float)
+  np.testing.assert_allclose(score, scores[0], rtol=1e-4)
+  # Token ids keep working as before: used as given, ids out (the tokenizer's eos_id is the default).
+  np.testing.assert_array_equal(generate(cfg, params, ids, 8, tokenizer=tok), want)

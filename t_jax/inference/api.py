@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t_jax.inference import text
+from t_jax.inference.penalties import NO_PENALTY, Penalty
 from t_jax.inference.runner import Runner
 from t_jax.inference.sampling import Sampler
 from t_jax.inference.search import beam_search, sample_loop
@@ -37,6 +39,7 @@ class Plan:
   num_draft: int
   eos_id: Optional[int]
   pad_id: int
+  penalty: Penalty = NO_PENALTY
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -44,13 +47,13 @@ def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, le
             rng: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
   """The whole generation (prefill + loop) as one XLA program."""
   common = dict(max_new_tokens=plan.max_new_tokens, eos_id=plan.eos_id, pad_id=plan.pad_id)
-  if plan.method == "beam":
-    return beam_search(plan.target, params, ids, lengths, num_beams=plan.num_beams, alpha=plan.length_penalty,
-                       **common)
   if plan.method == "speculative":
     return speculative_loop(plan.target, plan.draft, params, draft_params, ids, lengths, rng,
                             sampler=plan.sampler, num_draft=plan.num_draft, **common)
-  return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, **common)
+  if plan.method == "beam":
+    return beam_search(plan.target, params, ids, lengths, num_beams=plan.num_beams, alpha=plan.length_penalty,
+                       penalty=plan.penalty, **common)
+  return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty, **common)
 
 
 def _config(model_or_cfg: Any) -> ModelConfig:
@@ -77,7 +80,9 @@ def _rows(prompt_tokens: Any, pad_id: int) -> list[list[int]]:
         raise ValueError(f"pad_id={pad_id} inside a prompt row; pass prompts as lists of token ids instead")
       rows.append(r[real].tolist())
     return rows
-  if not isinstance(prompt_tokens, Sequence) or isinstance(prompt_tokens, str):
+  if text.is_text(prompt_tokens):
+    raise ValueError("string prompts need tokenizer= (a t_jax.data.Tokenizer); or pass token ids")
+  if not isinstance(prompt_tokens, Sequence):
     raise ValueError(f"prompt_tokens must be token ids (list of lists or an array), got {type(prompt_tokens)}")
   if prompt_tokens and all(isinstance(t, (int, np.integer)) for t in prompt_tokens):
     prompt_tokens = [prompt_tokens]
@@ -104,6 +109,21 @@ def _check_sampling(method: str, temperature: Optional[float], top_k: Optional[i
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   return Sampler(temperature, top_k, top_p)
+
+
+def _check_penalty(method: str, repetition_penalty: Optional[float], no_repeat_ngram_size: Optional[int]) -> Penalty:
+  """The Penalty of a request (None = off); speculative decoding takes none."""
+  rep = 1.0 if repetition_penalty is None else float(repetition_penalty)
+  ngram = 0 if no_repeat_ngram_size is None else no_repeat_ngram_size
+  if not 0.0 < rep < float("inf"):
+    raise ValueError(f"repetition_penalty must be a positive number (1 = off), got {repetition_penalty}")
+  if not isinstance(ngram, (int, np.integer)) or ngram < 0:
+    raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0 = off), got {no_repeat_ngram_size!r}")
+  penalty = Penalty(rep, int(ngram))
+  if method == "speculative" and penalty.active:
+    raise ValueError("repetition_penalty / no_repeat_ngram_size are not supported with method='speculative' "
+                     "(use 'greedy', 'sample' or 'beam')")
+  return penalty
 
 
 def _slots(cfg: ModelConfig, fed: int, extra: int, cache_len: Optional[int]) -> int:
@@ -135,6 +155,7 @@ def _check_context(cfg: ModelConfig, rows: list[list[int]], max_new_tokens: int,
 def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: str, *,
             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
             num_beams: Optional[int] = None, length_penalty: Optional[float] = None,
+            repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
             eos_id: Optional[int] = None, pad_id: int = 0, decoder_start_id: int = 0, draft: Any = None,
             num_draft_tokens: int = 4, cache_len: Optional[int] = None,
             pad_multiple: int = 1) -> tuple[Plan, np.ndarray, np.ndarray]:
@@ -152,6 +173,7 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
     if tok is not None and not 0 <= tok < cfg.vocab_size:
       raise ValueError(f"{name} {tok} is outside the vocabulary [0, {cfg.vocab_size})")
   sampler = _check_sampling(method, temperature, top_k, top_p, cfg.vocab_size)
+  penalty = _check_penalty(method, repetition_penalty, no_repeat_ngram_size)
   if method != "beam" and (num_beams not in (None, 1) or length_penalty is not None):
     raise ValueError(f"num_beams/length_penalty only apply to method='beam', not {method!r}")
   num_beams = 4 if num_beams is None else int(num_beams)
@@ -185,49 +207,80 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
       ids[i, width - len(r):] = r
   lengths = np.asarray([len(r) for r in rows], np.int32)
   plan = Plan(method, target, draft_runner, sampler, int(max_new_tokens), num_beams,
-              0.6 if length_penalty is None else float(length_penalty), int(num_draft_tokens), eos_id, pad_id)
+              0.6 if length_penalty is None else float(length_penalty), int(num_draft_tokens), eos_id, pad_id, penalty)
   return plan, ids, lengths
 
 
-def _finish(outputs: tuple, batch: int, return_scores: bool, return_stats: bool) -> Any:
+def _encode(model_or_cfg: Any, prompts: Any, tokenizer: Any, options: dict) -> tuple[Any, dict, Any]:
+  """(token-id prompts, options, decode: (tokens, scores) -> (texts, scores), or None). Strings are
+  encoded with the tokenizer, whose eos_id / pad_id become the defaults; token ids pass through."""
+  if tokenizer is None:
+    return prompts, options, None
+  options = {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, **options}
+  if not text.is_text(prompts):
+    return prompts, options, None
+  seq2seq = _config(model_or_cfg).architecture == "encoder_decoder"
+  single = isinstance(prompts, str)
+  rows = [text.encode_prompt(tokenizer, p, seq2seq) for p in ([prompts] if single else prompts)]
+
+  def decode(tokens: np.ndarray, scores: np.ndarray) -> tuple[Any, Any]:
+    outs = [text.detokenize(tokenizer, row, options["eos_id"]) for row in tokens]
+    return (outs[0], float(scores[0])) if single else (outs, scores)
+
+  return rows, options, decode
+
+
+def _finish(outputs: tuple, batch: int, return_scores: bool, return_stats: bool, decode: Any = None) -> Any:
   tokens, scores, stats = outputs
   tokens, scores = np.asarray(tokens)[:batch], np.asarray(scores)[:batch]
   stats = {k: np.asarray(v) for k, v in stats.items()}
   if "drafted" in stats:
     stats["acceptance_rate"] = float(stats["accepted"]) / max(1, int(stats["drafted"]))
+  if decode is not None:
+    tokens, scores = decode(tokens, scores)
   out = (tokens,) + ((scores,) if return_scores else ()) + ((stats,) if return_stats else ())
   return out[0] if len(out) == 1 else out
 
 
 def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
              method: str = "greedy", *, seed: int = 0, return_scores: bool = False, return_stats: bool = False,
-             **options: Any) -> Any:
-  """Generates up to max_new_tokens per prompt; returns token ids [batch, max_new_tokens] (numpy).
+             tokenizer: Any = None, **options: Any) -> Any:
+  """Generates up to max_new_tokens per prompt: token ids [batch, max_new_tokens] (numpy), or text.
 
-  prompt_tokens: a list of token-id lists (or one list), or a padded integer array (pad_id stripped).
+  prompt_tokens: a list of token-id lists (or one list), or a padded integer array (pad_id stripped);
+  used as given (add BOS yourself). With tokenizer= (a t_jax.data.Tokenizer), also a string or a
+  list of strings: each is encoded with BOS in front (encoder-decoder: EOS at the end, as in
+  training), and the result is the decoded continuation (a str, or a list of str), cut at EOS.
+  A tokenizer makes its eos_id / pad_id the defaults (eos_id=None: run to max_new_tokens).
   Decoder-only / prefix-LM models continue the prompt (a prefix-LM prompt is its bidirectional
   prefix); encoder-decoder models translate it, the decoder starting from decoder_start_id.
   method: 'greedy' | 'sample' (temperature, top_k, top_p) | 'beam' (num_beams, length_penalty = GNMT
   alpha, default 4 beams, 0.6) | 'speculative' (draft=(draft_model_or_cfg, draft_params),
   num_draft_tokens; temperature None/0 = greedy, > 0 = sampling with top_k/top_p).
+  repetition_penalty (CTRL: logits of tokens already in the row's sequence, prompt included, / it
+  if > 0, * it if < 0) and no_repeat_ngram_size (a token completing an n-gram already in the
+  sequence is excluded) act as in Hugging Face on greedy, sample and beam (beam: on log-probs).
   Rows end with eos_id (None: never); later slots hold pad_id. Also: cache_len, pad_multiple
   (prompt width rounding, fewer recompilations). return_scores adds per-row scores (raw log-prob
   sum; beam: length-penalised score); return_stats adds a dict (steps, speculative acceptance).
   """
+  prompt_tokens, options, decode = _encode(model_or_cfg, prompt_tokens, tokenizer, options)
   plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
   draft_params = None if plan.draft is None else _unbox(options["draft"][1])
   out = _decode(plan, _unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(lengths),
                 jax.random.key(seed))
-  return _finish(out, len(lengths), return_scores, return_stats)
+  return _finish(out, len(lengths), return_scores, return_stats, decode)
 
 
 def generate_sharded(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
                      method: str = "greedy", *, mesh: Mesh, param_shardings: PyTree,
                      batch_axis: Optional[str | tuple[str, ...]] = "data", seed: int = 0,
-                     return_scores: bool = False, return_stats: bool = False, **options: Any) -> Any:
+                     return_scores: bool = False, return_stats: bool = False, tokenizer: Any = None,
+                     **options: Any) -> Any:
   """`generate` under a Mesh: parameters placed with param_shardings (Shardings or PartitionSpecs),
   the batch split over `batch_axis` (None = replicated; the batch is padded to a multiple of it),
-  draft parameters replicated. Same results as `generate`."""
+  draft parameters replicated. Same results (and prompt formats) as `generate`."""
+  prompt_tokens, options, decode = _encode(model_or_cfg, prompt_tokens, tokenizer, options)
   plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
   batch = len(lengths)
   shards = 1 if batch_axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(batch_axis)]))
@@ -245,7 +298,7 @@ def generate_sharded(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_
   with jax.set_mesh(mesh):
     out = _decode(plan, params, draft_params, jax.device_put(ids, rows), jax.device_put(lengths, rows),
                   jax.random.key(seed))
-  return _finish(out, batch, return_scores, return_stats)
+  return _finish(out, batch, return_scores, return_stats, decode)
 
 
 def _unbox(params: PyTree) -> PyTree:

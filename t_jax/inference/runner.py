@@ -84,8 +84,8 @@ class Runner:
 
     def run(p: PyTree, enc: Array, cache: PyTree | None) -> tuple[Array, PyTree]:
       variables = {"params": p} if cache is None else {"params": p, "cache": cache}
-      logits, out = model.apply(variables, enc, start, encoder_padding_mask=mask, decoder_positions=zero,
-                                method="decode", mutable=["cache"])
+      logits, out = model.apply(variables, None, start, encoded=enc, encoder_padding_mask=mask,
+                                decoder_positions=zero, mutable=["cache"])
       return logits, out["cache"]
 
     shapes = jax.eval_shape(lambda p, e: run(p, e, None)[1], params, encoded)
@@ -98,7 +98,7 @@ class Runner:
     pos = self._clip(positions.astype(jnp.int32))
     if self.seq2seq:
       logits, out = self.model.apply(variables, None, tokens, encoder_padding_mask=state["enc_mask"],
-                                     decoder_positions=pos, method="decode", mutable=["cache"])
+                                     decoder_positions=pos, mutable=["cache"])
     else:
       logits, out = self.model.apply(variables, tokens, positions=pos, mutable=["cache"])
     return logits, dict(state, cache=out["cache"])

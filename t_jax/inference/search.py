@@ -7,6 +7,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from t_jax.inference.penalties import NO_PENALTY, Penalty, context
 from t_jax.inference.runner import Runner, gather_state, repeat_state
 from t_jax.inference.sampling import Sampler, token_logprob
 
@@ -20,17 +21,22 @@ def _is_eos(tokens: Array, eos_id: Optional[int]) -> Array:
 
 
 def sample_loop(runner: Runner, params: PyTree, ids: Array, lengths: Array, rng: Array, *, sampler: Sampler,
-                max_new_tokens: int, eos_id: Optional[int], pad_id: int) -> tuple[Array, Array, dict]:
+                max_new_tokens: int, eos_id: Optional[int], pad_id: int,
+                penalty: Penalty = NO_PENALTY) -> tuple[Array, Array, dict]:
   """Prefill, then one token per iteration until every row emitted EOS or max_new_tokens.
 
+  The penalty processes the raw logits before the sampler (temperature, top-k, top-p) sees them.
   Returns (tokens [batch, max_new_tokens] padded with pad_id after EOS, sum of the raw model's
   log-probabilities of the emitted tokens [batch], stats).
   """
   logits, state, pos = runner.prefill(params, ids, lengths)
   b = ids.shape[0]
+  ctx, first = context(runner, ids, lengths)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  choose = lambda key, logits, out, i: sampler.choose(key, penalty(logits, ctx, first, out, i))
   rng, sub = jax.random.split(rng)
-  tok = sampler.choose(sub, logits)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+  tok = choose(sub, logits, out, 0)
+  out = out.at[:, 0].set(tok)
   carry = (jnp.int32(1), tok, pos, state, out, _is_eos(tok, eos_id), token_logprob(logits, tok), rng)
 
   def cond(c: tuple) -> Array:
@@ -41,7 +47,7 @@ def sample_loop(runner: Runner, params: PyTree, ids: Array, lengths: Array, rng:
     i, tok, pos, state, out, done, score, rng = c
     logits, state = runner.step(params, state, tok[:, None], pos[:, None])
     rng, sub = jax.random.split(rng)
-    new = sampler.choose(sub, logits[:, -1])
+    new = choose(sub, logits[:, -1], out, i)
     score = score + jnp.where(done, 0.0, token_logprob(logits[:, -1], new))
     new = jnp.where(done, pad_id, new)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
@@ -57,18 +63,22 @@ def length_penalty(length: Array, alpha: float) -> Array:
 
 
 def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, num_beams: int, alpha: float,
-                max_new_tokens: int, eos_id: Optional[int], pad_id: int) -> tuple[Array, Array, dict]:
+                max_new_tokens: int, eos_id: Optional[int], pad_id: int,
+                penalty: Penalty = NO_PENALTY) -> tuple[Array, Array, dict]:
   """Beam search scoring hypotheses by log P(Y|X) / lp(|Y|) (|Y| counts generated tokens incl. EOS).
 
   A hypothesis is finished when it emits EOS, or when it reaches max_new_tokens (then it is scored
   at that length). Each step ranks the 2K best extensions: EOS ones enter the finished pool (best K
   kept), the best K others stay alive. A row stops early once its K-th finished score beats any
   score an alive hypothesis can still reach (log-probs only fall; lp is monotone in |Y|).
+  A penalty applies to the log-probs (as in Hugging Face), and the scores sum the penalised values.
   Returns (best tokens [batch, max_new_tokens], their scores [batch], stats with all beams).
   """
   k, steps = num_beams, max_new_tokens
   logits, state, pos = runner.prefill(params, ids, lengths)
   b, vocab = logits.shape
+  ctx, first = context(runner, ids, lengths)
+  ctx, first = jnp.repeat(ctx, k, axis=0), jnp.repeat(first, k)
   state = repeat_state(state, k)
   logits = jnp.repeat(logits, k, axis=0)
   pos = jnp.repeat(pos, k)
@@ -79,8 +89,10 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
 
   def select(t: Array, logits: Array, alive_seq: Array, alive_lp: Array, fin_seq: Array, fin_score: Array):
     """Ranks the extensions of the alive beams at step t (0-based)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
-    cand = (alive_lp[:, :, None] + logp).reshape(b, k * vocab)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if penalty.active:  # banned tokens get the finite NEG
+      logp = jnp.maximum(penalty(logp, ctx, first, alive_seq.reshape(b * k, steps), t), NEG)
+    cand = (alive_lp[:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
     top_lp, top_idx = jax.lax.top_k(cand, n_cand)
     parent, tok = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
     seqs = jnp.take_along_axis(alive_seq, parent[:, :, None], axis=1)
