@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -17,7 +18,6 @@ from t_jax.convert import hf_io
 from t_jax.convert.common import ConversionError, stack_layers, unstack_layers
 from t_jax.convert.families import RUNTIME_FIELDS, Family, family_for_config, family_for_hf, normalize_keys
 from t_jax.models import ModelConfig, abstract_params, build_model
-from t_jax.models.config import DTYPES
 
 PyTree = Any
 Flat = dict[str, np.ndarray]
@@ -66,7 +66,7 @@ def to_hf(model_or_cfg: nn.Module | ModelConfig, params: PyTree, out_dir: str | 
   check_exportable(family, cfg)
   flat = _flat_params(params)
   _check_tree(flat, _abstract_flat(cfg), "params")
-  weights = _to_hf(family, cfg, flat, np.dtype(DTYPES[dtype]))
+  weights = _to_hf(family, cfg, flat, jnp.dtype(dtype))
   fields = {**family.hf_config(cfg), **(family.token_ids if token_ids is None else token_ids), "dtype": dtype}
   out = Path(out_dir)
   hf_io.write_dir(out, hf_io.hf_config_dict(family.model_type, family.hf_class, fields), weights)
@@ -86,7 +86,7 @@ def check_exportable(family: Family, cfg: ModelConfig) -> None:
 
 
 def _arch_fields(family: Family, cfg: ModelConfig) -> dict:
-  cfg = cfg.replace(head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads, num_encoder_layers=cfg.encoder_layers,
+  cfg = cfg.replace(num_encoder_layers=cfg.encoder_layers,  # head_dim, num_kv_heads: resolved by ModelConfig
                     scale_tied_logits=cfg.scale_tied_logits and cfg.tie_embeddings)
   skip = RUNTIME_FIELDS | family.irrelevant
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}

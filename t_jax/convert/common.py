@@ -79,8 +79,8 @@ def layer_norm(hf: str, tj: str, dim: int, bias: bool = True) -> list[Rule]:
 
 def attention_rules(hf: str, tj: str, names: Sequence[str], cfg: Any, bias: bool, kv: bool = True) -> list[Rule]:
   """q/k/v/out torch Linear layers `{hf}.{name}` <-> t_jax query/key/value/out under `tj`."""
-  d, hd = cfg.d_model, cfg.dim_per_head
-  heads = (cfg.num_heads, cfg.kv_heads if kv else cfg.num_heads, cfg.kv_heads if kv else cfg.num_heads)
+  d, hd = cfg.d_model, cfg.head_dim
+  heads = (cfg.num_heads, cfg.num_kv_heads if kv else cfg.num_heads, cfg.num_kv_heads if kv else cfg.num_heads)
   rules = []
   for name, tj_name, h in zip(names[:3], ("query", "key", "value"), heads):
     rules.append(linear(f"{hf}.{name}.weight", f"{tj}/{tj_name}/kernel", (d,), (h, hd)))

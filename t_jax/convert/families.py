@@ -9,14 +9,11 @@ from collections.abc import Callable
 import numpy as np
 
 from t_jax.convert import common as c
-from t_jax.models.config import KERNEL_OPTIONS, ModelConfig
+from t_jax.models.config import RUNTIME_FIELDS, ModelConfig  # noqa: F401 - RUNTIME_FIELDS is re-exported
 
 Weights = dict[str, np.ndarray]
 
 # ModelConfig fields that say how to run, not what the weights mean: never part of the export check.
-RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                            "dropout_rate", "attention_dropout_rate", "init_std"}
-                           | {f"attention_{n}" for n in KERNEL_OPTIONS})
 NO_POSITION_FIELDS = frozenset({"rope_theta", "relative_buckets", "relative_max_distance"})
 
 
@@ -89,7 +86,7 @@ def _gpt2_hf(cfg: ModelConfig) -> dict:
 
 
 def _gpt2_rules(cfg: ModelConfig) -> list[c.Rule]:
-  d, h, hd, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.mlp_dim
+  d, h, hd, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
   rules = [c.copy("transformer.wte.weight", "token_embedding/embedding", (cfg.vocab_size, d)),
            c.copy("transformer.wpe.weight", "embedder/position_embedding/embedding", (cfg.max_len, d))]
   for i in range(cfg.num_layers):
@@ -215,7 +212,7 @@ def _t5_config(hf: dict, w: Weights) -> dict:
 def _t5_hf(cfg: ModelConfig) -> dict:
   exact_gelu = "gelu_python" if cfg.gated else "gelu"  # 'gated-gelu' means gelu_new in HF
   act = {"gelu_tanh": "gelu" if cfg.gated else "gelu_new", "gelu": exact_gelu}.get(cfg.activation, cfg.activation)
-  return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, num_heads=cfg.num_heads, d_kv=cfg.dim_per_head,
+  return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, num_heads=cfg.num_heads, d_kv=cfg.head_dim,
               d_ff=cfg.mlp_dim, num_layers=cfg.encoder_layers, num_decoder_layers=cfg.num_layers,
               relative_attention_num_buckets=cfg.relative_buckets,
               relative_attention_max_distance=cfg.relative_max_distance,
@@ -286,7 +283,7 @@ def _llama_config(hf: dict, w: Weights) -> dict:
 
 def _llama_hf(cfg: ModelConfig) -> dict:
   return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_attention_heads=cfg.num_heads,
-              num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, intermediate_size=cfg.mlp_dim,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
               num_hidden_layers=cfg.num_layers, max_position_embeddings=cfg.max_len,
               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
               hidden_act=c.TJ_ACTIVATIONS[cfg.activation], rms_norm_eps=cfg.norm_eps, attention_bias=cfg.use_bias,
