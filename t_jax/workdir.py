@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -102,7 +101,8 @@ def _checkpoint_params(directory: Path, step: Optional[int], target: Any) -> Any
   Without `step`, the newest step that can be read; an unreadable newer one is named on stderr.
   """
   options = ocp.CheckpointManagerOptions(create=False)
-  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_handlers=handlers, options=options) as manager:
     steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not steps or steps[0] not in manager.all_steps():

@@ -118,6 +118,33 @@ def test_sigterm_to_one_process_saves_on_all_and_resumes(tmp_path):
   assert losses(straight / "metrics.jsonl") == losses(metrics)
 
 
+def _launch_one(workdir, *bindings: str) -> list:
+  """launch.train as 1 process x 4 CPU devices: the same global mesh size as _launch_two."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  bindings = ("TrainConfig.log_every = 1", "TrainConfig.eval_every = 0", "TrainConfig.checkpoint_every = 100000",
+              "OptimizerConfig.decay_steps = 1000", "TrainConfig.num_samples = 0", *bindings)
+  flags = ["--gin_file=experiments/quickstart_tiny.gin", f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in bindings)]
+  return [subprocess.Popen([sys.executable, "-m", "launch.train", *flags], cwd=md.REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_on_another_process_count_with_the_same_losses(tmp_path):
+  """The data stream does not depend on how many processes read it: 2 processes log the losses of 1, and a
+  checkpoint written by 2 processes resumes on 1 (and 1 -> 2) continuing exactly like the straight run."""
+  losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                        if "loss" in r]
+  _finish(_launch_one(tmp_path / "straight", "TrainConfig.num_steps = 6"))
+  straight = losses(tmp_path / "straight")
+  _finish(_launch_two(tmp_path / "two_one", md.free_port(), "TrainConfig.num_steps = 3", "TrainConfig.num_samples = 0"))
+  np.testing.assert_allclose(losses(tmp_path / "two_one"), straight[:3], rtol=1e-4)
+  _finish(_launch_one(tmp_path / "two_one", "TrainConfig.num_steps = 6"))
+  np.testing.assert_allclose(losses(tmp_path / "two_one"), straight, rtol=1e-4)
+  _finish(_launch_one(tmp_path / "one_two", "TrainConfig.num_steps = 3"))
+  _finish(_launch_two(tmp_path / "one_two", md.free_port(), "TrainConfig.num_steps = 6", "TrainConfig.num_samples = 0"))
+  np.testing.assert_allclose(losses(tmp_path / "one_two"), straight, rtol=1e-4)
+
+
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri",
                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_SKIP_MDS_QUERY")
 

@@ -469,30 +469,29 @@ def _small_corpus(tmp_path):
   return sentences, data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=40)
 
 
-def test_eval_shards_of_unequal_length_yield_the_same_number_of_batches(tmp_path, monkeypatch):
-  """Multi-process eval: a process whose shard runs out early pads with zero-weight batches up to
-  TrainConfig.eval_batches, so every process runs the same number of collective eval steps."""
-  from t_jax import data
+def test_every_process_count_reads_the_same_global_batches(tmp_path, monkeypatch):
+  """Training and eval streams: the rows of 2 (or 4) processes, put together, are the 1-process batches, and every
+  process sees the same number of eval batches (so all run the same number of collective eval steps)."""
   from t_jax.data import task as tasks
   sentences, tok = _small_corpus(tmp_path)
-  task = TaskConfig(objective=data.CausalLM(seq_len=8, pack=False), train_source=sentences,
-                    eval_source=sentences[:5])
-  monkeypatch.setattr(tasks.jax, "process_count", lambda: 2)
+  task = TaskConfig(objective=data.CausalLM(seq_len=8), train_source=sentences, eval_source=sentences[:5])
 
-  def shard(index, limit):
+  def read(count, index, training):
+    monkeypatch.setattr(tasks.jax, "process_count", lambda: count)
     monkeypatch.setattr(tasks.jax, "process_index", lambda: index)
-    return list(tasks.ordered_batches(task, tok, task.eval_source, 2, limit=limit))
+    if training:
+      it = tasks.train_iterator(task, tok, 4, seed=0)
+      return [next(it) for _ in range(5)]
+    return list(tasks.ordered_batches(task, tok, task.eval_source, 4, limit=None))
 
-  real = [shard(0, None), shard(1, None)]          # shards of 3 and 2 documents
-  assert len(real[0]) > len(real[1]) > 0
-  limit = len(real[0]) + 1
-  for index in (0, 1):
-    batches = shard(index, limit)
-    assert len(batches) == limit
-    for got, want in zip(batches, real[index]):
-      assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert all(not b["weights"].any() for b in batches[len(real[index]):])
-  assert len(shard(0, 2)) == 2                      # a limit below the shard's length still cuts
+  for training in (True, False):
+    whole = read(1, 0, training)
+    for count in (2, 4):
+      parts = [read(count, i, training) for i in range(count)]
+      assert all(len(p) == len(whole) for p in parts)
+      for step, batch in enumerate(whole):
+        for k in batch:
+          assert np.array_equal(np.concatenate([p[step][k] for p in parts]), batch[k]), (training, count, step, k)
 
 
 def test_processes_with_different_tokenizers_are_stopped(tmp_path, monkeypatch):

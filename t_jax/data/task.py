@@ -13,9 +13,11 @@ import numpy as np
 
 from t_jax.data.objectives import CausalLM, Objective, PrefixLM
 from t_jax.data.pipeline import make_iterator
-from t_jax.data.tokenizer import Tokenizer
+from t_jax.data.tokenizer import Tokenizer, VocabularyTooSmall
 
 Batch = dict[str, Any]
+# Records read from each source at start-up to estimate how many are unusable.
+SAMPLE_RECORDS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,8 @@ class TaskConfig:
   packing_bins: Optional[int] = None  # None = batch size
   data_threads: int = 2
   prefetch: int = 64
+  # Refuse a source when more than this fraction of its records is undecodable (or, read lazily, empty).
+  max_bad_fraction: float = 0.5
 
   def __post_init__(self) -> None:
     """Names what is missing or unknown."""
@@ -43,6 +47,8 @@ class TaskConfig:
                        "(include one of configs/tasks/*.gin)")
     if not isinstance(self.objective, Objective) or not self.objective.architectures:
       raise ValueError(f"TaskConfig.objective={self.objective!r} is not a t_jax.data objective")
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f"TaskConfig.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
 
   @property
   def is_lm(self) -> bool:
@@ -56,22 +62,59 @@ class TaskConfig:
 
 
 def make_tokenizer(task: TaskConfig, model_vocab: int, workdir: str) -> Tokenizer:
-  """Loads TaskConfig.tokenizer, or trains (first run) / reloads (resume) DIR/tokenizer.model."""
+  """Checks the sources (check_sources), then loads TaskConfig.tokenizer, or trains (first run) / reloads
+  (resume) DIR/tokenizer.model."""
+  check_sources(task)
   if task.tokenizer is not None:
     if not os.path.exists(task.tokenizer):
       raise ValueError(f"TaskConfig.tokenizer={task.tokenizer!r} does not exist")
     tok = Tokenizer.load(task.tokenizer, task.num_extra_ids)
   else:
-    tok = Tokenizer.train(task.train_source, os.path.join(workdir, "tokenizer.model"),
-                          vocab_size=(task.vocab_size or model_vocab) - task.num_extra_ids,
-                          model_type=task.tokenizer_type, num_extra_ids=task.num_extra_ids,
-                          max_sentences=task.tokenizer_sentences,
-                          character_coverage=task.tokenizer_character_coverage,
-                          byte_fallback=task.tokenizer_byte_fallback)
+    tok = _train_tokenizer(task, model_vocab, os.path.join(workdir, "tokenizer.model"))
   if tok.vocab_size > model_vocab:
     raise ValueError(f"tokenizer has {tok.vocab_size} ids but ModelConfig.vocab_size={model_vocab}")
   _check_same_on_all_processes(tok)
   return tok
+
+
+def _train_tokenizer(task: TaskConfig, model_vocab: int, path: str) -> Tokenizer:
+  """Tokenizer.train with the task's settings; a vocabulary too small for the corpus names the binding."""
+  try:
+    return Tokenizer.train(task.train_source, path, vocab_size=(task.vocab_size or model_vocab) - task.num_extra_ids,
+                           model_type=task.tokenizer_type, num_extra_ids=task.num_extra_ids,
+                           max_sentences=task.tokenizer_sentences,
+                           character_coverage=task.tokenizer_character_coverage,
+                           byte_fallback=task.tokenizer_byte_fallback)
+  except VocabularyTooSmall as e:
+    field = f"TaskConfig.vocab_size={task.vocab_size}" if task.vocab_size else f"ModelConfig.vocab_size={model_vocab}"
+    raise ValueError(f"{field} is too small: {e}; set it to at least {e.minimum + task.num_extra_ids} "
+                     f"({e.minimum} pieces + num_extra_ids={task.num_extra_ids}), or lower "
+                     f"TaskConfig.tokenizer_character_coverage={task.tokenizer_character_coverage}") from e
+
+
+def check_sources(task: TaskConfig) -> None:
+  """Prints one line of counts per source and refuses one whose records are mostly unusable.
+
+  Reads an evenly spaced sample of SAMPLE_RECORDS records (lazily read sources count their skips as they are
+  read); the unusable fraction is that of None records in the sample, with the undecodable records that
+  were dropped at load time added. Above TaskConfig.max_bad_fraction it is a ValueError naming the source.
+  """
+  for role, source in (("train", task.train_source), ("eval", task.eval_source)):
+    if source is None:
+      continue
+    name = getattr(source, "name", type(source).__name__)
+    sample = np.unique(np.linspace(0, len(source) - 1, min(len(source), SAMPLE_RECORDS)).astype(int))
+    none = sum(source[int(i)] is None for i in sample)
+    dropped = getattr(source, "load_counts", {}).get("undecodable", 0)
+    bad = (none / len(sample) * len(source) + dropped) / (len(source) + dropped)
+    stats = getattr(source, "stats", {"documents": len(source)})
+    counts = ", ".join(f"{k} {v:,}" for k, v in stats.items())
+    if jax.process_index() == 0:
+      print(f"data: {role} {name}: {counts}; {none} of {len(sample)} sampled records unusable", flush=True)
+    if bad > task.max_bad_fraction:
+      raise ValueError(f"{role} source {name} is mostly unusable: {bad:.1%} of its records are undecodable or "
+                       f"empty ({counts}; {none} of {len(sample)} sampled records unusable), above "
+                       f"TaskConfig.max_bad_fraction={task.max_bad_fraction}")
 
 
 def _check_same_on_all_processes(tok: Tokenizer) -> None:
@@ -85,36 +128,61 @@ def _check_same_on_all_processes(tok: Tokenizer) -> None:
                      "the same TaskConfig.tokenizer file (or the same training data)")
 
 
-def train_iterator(task: TaskConfig, tok: Tokenizer, batch_size: int, seed: int) -> Iterator[Batch]:
-  """Shuffled, repeating, checkpointable iterator over this process's shard of the training data."""
-  return make_iterator(task.train_source, tok, task.objective, batch_size=batch_size, train=True, seed=seed,
-                       **_pipeline_kwargs(task))
+class ProcessSlice:
+  """This process's rows of a global batch stream: the stream, and so the batches of every step, do not
+  depend on how many processes read it (each process runs the same global pipeline and keeps its slice).
+
+  Checkpointable like the grain iterator it wraps (`get_state` / `set_state`, the same on every process).
+  """
+
+  def __init__(self, it: Iterator[Batch], index: int, count: int) -> None:
+    """Wraps a global batch iterator; keeps rows [index * n / count, (index + 1) * n / count)."""
+    self._it, self._index, self._count = it, index, count
+
+  def __iter__(self) -> ProcessSlice:
+    """The iterator itself."""
+    return self
+
+  def __next__(self) -> Batch:
+    """The next global batch's rows for this process."""
+    batch = next(self._it)
+    n = next(iter(batch.values())).shape[0] // self._count
+    return {k: v[self._index * n:(self._index + 1) * n] for k, v in batch.items()}
+
+  def get_state(self) -> dict:
+    """The wrapped iterator's position."""
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    """Moves to a saved position."""
+    self._it.set_state(state)
+
+
+def _sliced(task: TaskConfig, tok: Tokenizer, source: Sequence, batch_size: int, train: bool,
+            seed: int) -> ProcessSlice:
+  if batch_size % jax.process_count():
+    raise ValueError(f"batch size {batch_size} is not divisible by the {jax.process_count()} processes")
+  it = make_iterator(source, tok, task.objective, batch_size=batch_size, train=train, seed=seed,
+                     packing_bins=task.packing_bins, num_threads=task.data_threads,
+                     prefetch_buffer_size=task.prefetch)
+  return ProcessSlice(it, jax.process_index(), jax.process_count())
+
+
+def train_iterator(task: TaskConfig, tok: Tokenizer, batch_size: int, seed: int) -> ProcessSlice:
+  """Shuffled, repeating, checkpointable iterator over this process's rows of global batches of batch_size."""
+  return _sliced(task, tok, task.train_source, batch_size, True, seed)
 
 
 def ordered_batches(task: TaskConfig, tok: Tokenizer, source: Sequence, batch_size: int,
                     limit: Optional[int]) -> Iterator[Batch]:
-  """One ordered pass (at most `limit` batches; the last is padded with zero weights).
+  """One ordered pass (at most `limit` global batches; the last is padded with zero weights), this process's rows.
 
-  With several processes each reads its own shard, and shards can run out at different batches: every
-  process then yields exactly `limit` batches, the missing ones all zero (weight 0), so all of them run
-  the same number of (collective) eval steps.
+  Every process reads the same global pass, so all run the same number of (collective) eval steps.
   """
-  it = make_iterator(source, tok, task.objective, batch_size=batch_size, train=False, seed=0,
-                     **_pipeline_kwargs(task))
-  n, batch = 0, None
-  for batch in it:
+  for n, batch in enumerate(_sliced(task, tok, source, batch_size, False, 0)):
     if limit is not None and n >= limit:
       return
     yield batch
-    n += 1
-  if limit is not None and jax.process_count() > 1 and batch is not None:
-    for _ in range(limit - n):
-      yield {k: np.zeros_like(v) for k, v in batch.items()}
-
-
-def _pipeline_kwargs(task: TaskConfig) -> dict:
-  return dict(shard_index=jax.process_index(), shard_count=jax.process_count(), packing_bins=task.packing_bins,
-              num_threads=task.data_threads, prefetch_buffer_size=task.prefetch)
 
 
 def count_tokens(batch: Batch) -> int:

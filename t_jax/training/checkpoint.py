@@ -1,5 +1,8 @@
 """Checkpoints under DIR/checkpoints/<step>/{state, data, config} with orbax.
 
+`data` is the position of the global data stream (the same on every process), so a checkpoint written by N
+processes resumes on M.
+
 orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save that was
 killed half-way never looks like a checkpoint. A complete step that cannot be read (a truncated array file,
 a missing _METADATA, an empty directory) is moved to DIR/checkpoints_broken/ and the previous step restored.
@@ -14,7 +17,6 @@ import os
 import shutil
 from typing import Any, Optional
 
-import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -38,7 +40,7 @@ def make_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=cfg.async_checkpoints,
       cleanup_tmp_directories=True, create=True)
-  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
               "config": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -48,7 +50,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, data_iter: An
   """Starts an (async) save of the train state, data iterator position and fingerprint; no-op if saved."""
   if manager.latest_step() == step:
     return
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_iter.get_state()),
                             config=ocp.args.JsonSave(fingerprint))
   manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -72,10 +74,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, data_iter: An
       continue
     check_params(saved, target["params"], f"checkpoint {where}")  # another model: refused
     _check_fingerprint(manager, step, fingerprint, allow_change)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                              data=grain.checkpoint.CheckpointRestore(data_iter))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     try:
       restored = manager.restore(step, args=args)
+      data_iter.set_state(restored["data"])
     except Exception as e:  # noqa: BLE001 - a truncated or missing array file, or a changed optimizer
       first_error = first_error or e
       broken.append(step)

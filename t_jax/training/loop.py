@@ -36,21 +36,19 @@ from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_eval_step, make_init, make_train_step
 
 
-def setup_mesh(cfg: TrainConfig, mesh: MeshConfig) -> tuple[Partitioner, int, int]:
-  """The loop's only contact with the mesh: (partitioner, this process's batch size, accumulation steps)."""
+def setup_mesh(cfg: TrainConfig, mesh: MeshConfig) -> tuple[Partitioner, int]:
+  """The loop's only contact with the mesh: (partitioner, accumulation steps)."""
   partitioner = Partitioner.from_config(mesh)
   shards = partitioner.data_shards
   if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {shards} data shards "
                      f"(mesh data x fsdp) and {jax.process_count()} processes")
-  if jax.process_count() > 1 and cfg.eval_batches is None:
-    raise ValueError("TrainConfig.eval_batches=None (whole split) cannot keep processes in step; set a number")
   per_shard = cfg.batch_size // shards
   micro = cfg.per_device_batch_size or per_shard
   if per_shard % micro:
     raise ValueError(f"TrainConfig.per_device_batch_size={micro} does not divide the {per_shard} examples "
                      f"per data shard (batch_size={cfg.batch_size} over {shards} shards)")
-  return partitioner, cfg.batch_size // jax.process_count(), per_shard // micro
+  return partitioner, per_shard // micro
 
 
 @contextlib.contextmanager
@@ -178,13 +176,12 @@ class _Run:
   data_it: Any
   step_fn: Any
   eval_fn: Any
-  local_batch: int
   vocab_size: int
   fingerprint: dict  # saved with every checkpoint
 
   def evaluate(self, params: Any) -> tuple[dict, np.ndarray]:
     """Eval metrics and the target histogram."""
-    return evaluate(self.eval_fn, params, self.task, self.tok, self.local_batch, self.partitioner,
+    return evaluate(self.eval_fn, params, self.task, self.tok, self.cfg.batch_size, self.partitioner,
                     self.cfg.eval_batches, self.vocab_size)
 
 
@@ -197,7 +194,7 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
   that changes what the parameters mean is refused unless `allow_config_change`.
   """
   model_cfg, cfg, task = exp.model, exp.train, exp.task
-  partitioner, local_batch, accum = setup_mesh(cfg, exp.mesh)
+  partitioner, accum = setup_mesh(cfg, exp.mesh)
   train_model, eval_model = build_model(model_cfg, deterministic=False), build_model(model_cfg)
   if cfg.init_from is not None:
     ckpt.check_converted(cfg.init_from, nn.meta.unbox(abstract_params(eval_model)))
@@ -209,7 +206,7 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
     abstract = jax.eval_shape(init, key)
     shardings, target = partitioner.shardings(abstract), partitioner.abstract(abstract)
     manager = ckpt.make_manager(workdir, cfg)
-    data_it = train_iterator(task, tok, local_batch, cfg.seed)
+    data_it = train_iterator(task, tok, cfg.batch_size, cfg.seed)
     meaning = ckpt.fingerprint(model_cfg, task)
     state = ckpt.restore_latest(manager, target, data_it, meaning, allow_config_change)  # or refuses
     write_config(workdir, config_text or workdir_lib.config_to_gin(model_cfg, task, cfg, exp.optimizer, exp.mesh))
@@ -234,7 +231,7 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
       eval_fn = jax.jit(make_eval_step(eval_model, task.objective),
                         in_shardings=(shardings["params"], partitioner.batch_sharding),
                         out_shardings=partitioner.replicated)
-      run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn, local_batch,
+      run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn,
                  model_cfg.vocab_size, meaning)
       writer = MetricWriter(workdir, start_step=int(state["step"]))
       try:
@@ -293,7 +290,7 @@ def _finish(run: _Run, state: Any, writer: MetricWriter) -> dict:
     out.update(eval_metrics)
     if run.task.is_lm and run.cfg.unigram_baseline_batches:
       train_counts = sample.target_counts(ordered_batches(run.task, run.tok, run.task.train_source,
-                                                          run.local_batch, run.cfg.unigram_baseline_batches),
+                                                          run.cfg.batch_size, run.cfg.unigram_baseline_batches),
                                           run.vocab_size)
       out["unigram_perplexity"] = math.exp(sample.unigram_loss(train_counts, eval_counts))
       eval_metrics = {**eval_metrics, "unigram_perplexity": out["unigram_perplexity"]}
