@@ -5,6 +5,7 @@
 
 A workdir holds config.gin (ModelConfig bindings) and params/ (Orbax); see t_jax.convert.workdir.
 The source HF config is kept as WORKDIR/hf_config.json so the reverse trip restores its special ids.
+Bad input exits 2 with one `error:` line naming the file; existing outputs are only replaced with --overwrite.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory (config.json + weights).")
 TO_WORKDIR = flags.DEFINE_string("to_workdir", None, "t_jax workdir to write (config.gin + params/).")
@@ -25,10 +26,12 @@ SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Store the imported layers
 PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16", "float16"],
                                 "Parameter dtype of the imported model.")
 HF_DTYPE = flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16", "float16"], "Dtype of exported weights.")
-OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing workdir checkpoint.")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the files of an existing workdir or HF directory.")
 
 HF_CONFIG = "hf_config.json"
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+WORKDIR_FILES = ("config.gin", "params", HF_CONFIG)  # what hf_to_workdir writes
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.model")  # what workdir_to_hf writes
 
 
 def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = False, param_dtype: str = "float32",
@@ -36,41 +39,80 @@ def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = False, param
   """HF checkpoint directory -> t_jax workdir; returns the workdir."""
   from t_jax.convert import from_hf, write_params_workdir
 
+  _refuse_existing(workdir, WORKDIR_FILES, overwrite)
   model, params = from_hf(hf_dir, overrides=dict(scan_layers=scan_layers, param_dtype=param_dtype))
   root = write_params_workdir(workdir, model.cfg, params, overwrite=overwrite)
   (root / HF_CONFIG).write_text((Path(hf_dir) / "config.json").read_text())
   return root
 
 
-def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None, dtype: str = "float32") -> Path:
+def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None, dtype: str = "float32",
+                  overwrite: bool = False) -> Path:
   """t_jax workdir -> HF directory; special ids come from WORKDIR/hf_config.json when present."""
-  from t_jax.convert import read_params_workdir, to_hf
+  from t_jax.convert import ConversionError, to_hf
+  from t_jax.workdir import PARAMS_DIR, params_target, read_config, read_params
 
-  cfg, params = read_params_workdir(workdir)
+  _refuse_existing(hf_dir, HF_FILES, overwrite)
+  cfg, _ = read_config(workdir)
+  root = Path(workdir).absolute()
+  try:
+    params = read_params(root, params_target(cfg))
+  except Exception as e:  # noqa: BLE001 - orbax reports truncated or corrupt files as anything
+    if isinstance(e, ValueError) and str(root) in str(e):
+      raise  # t_jax.workdir's own errors name the checkpoint
+    cause = e
+    while cause.__cause__ is not None:  # tensorstore's own error says which array and byte range
+      cause = cause.__cause__
+    where = root / ("checkpoints" if (root / "checkpoints").is_dir() else PARAMS_DIR)
+    raise ConversionError(f"{where} cannot be read (truncated or corrupt?): {type(cause).__name__}: "
+                          f"{_one_line(cause)[:300]}") from e
   token_ids = None
   source = Path(workdir) / HF_CONFIG
   if source.is_file():
-    hf = json.loads(source.read_text())
-    token_ids = {k: hf[k] for k in TOKEN_FIELDS if k in hf}
+    try:
+      hf = json.loads(source.read_text())
+      token_ids = {k: hf[k] for k in TOKEN_FIELDS if k in hf}
+    except (ValueError, TypeError) as e:
+      raise ConversionError(f"{source}: invalid JSON ({e})") from e
   return to_hf(cfg, params, hf_dir, tokenizer=tokenizer, token_ids=token_ids, dtype=dtype)
+
+
+def _refuse_existing(directory: str, names: tuple[str, ...], overwrite: bool) -> None:
+  """FileExistsError unless `overwrite` or `directory` holds none of `names`."""
+  existing = [n for n in names if (Path(directory) / n).exists()]
+  if existing and not overwrite:
+    raise FileExistsError(f"{directory} already holds {', '.join(existing)}; pass --overwrite to replace them")
+
+
+def _quiet_closed_loop(unraisable: Any) -> None:
+  """Drops 'Event loop is closed' from the tensorstore reads orbax leaves running after a failed read."""
+  e = unraisable.exc_value
+  if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def main(argv: list[str]) -> int:
   """Entry point: exactly one of --from_hf/--to_workdir or --from_workdir/--to_hf."""
   del argv
-  from t_jax.convert import ConversionError
-
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.FATAL)  # orbax logs reads, writes and bad files; errors are reported below
+  sys.unraisablehook = _quiet_closed_loop
   try:
     if FROM_HF.value and TO_WORKDIR.value and not (FROM_WORKDIR.value or TO_HF.value):
       out = hf_to_workdir(FROM_HF.value, TO_WORKDIR.value, scan_layers=SCAN_LAYERS.value,
                           param_dtype=PARAM_DTYPE.value, overwrite=OVERWRITE.value)
     elif FROM_WORKDIR.value and TO_HF.value and not (FROM_HF.value or TO_WORKDIR.value):
-      out = workdir_to_hf(FROM_WORKDIR.value, TO_HF.value, tokenizer=TOKENIZER.value, dtype=HF_DTYPE.value)
+      out = workdir_to_hf(FROM_WORKDIR.value, TO_HF.value, tokenizer=TOKENIZER.value, dtype=HF_DTYPE.value,
+                          overwrite=OVERWRITE.value)
     else:
       print("error: give --from_hf with --to_workdir, or --from_workdir with --to_hf", file=sys.stderr)
       return 2
-  except (ConversionError, FileExistsError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # ConversionError is a ValueError
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {out}")
   return 0

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import t_jax
 from launch.config import build, parse
-from launch.convert import hf_to_workdir
+from launch.convert import hf_to_workdir, workdir_to_hf
 from t_jax.convert import (
                            ConversionError,
                            config_to_gin,
@@ -238,10 +239,42 @@ def test_bad_checkpoint_names_the_tensor(tmp_path, edit, message):
     from_hf(tmp_path)
 
 
+def bert_classifier(path: Path, architectures: bool = True) -> Path:
+  """A BertForSequenceClassification checkpoint made from a BERT MLM fixture: pooler and classifier, no MLM head."""
+  copy_fixture("bert_h3_tied", path)
+  edit_config(path, architectures=["BertForSequenceClassification"] if architectures else None, num_labels=2)
+
+  def edit(w):
+    for name in ("weight", "bias"):
+      w[f"bert.pooler.dense.{name}"] = w.pop(f"cls.predictions.transform.dense.{name}")
+    for k in [k for k in w if k.startswith("cls.")]:
+      del w[k]
+    w.update({"classifier.weight": np.zeros((2, 24), np.float32), "classifier.bias": np.zeros(2, np.float32)})
+
+  edit_weights(path, edit)
+  return path
+
+
+def test_unsupported_heads_are_named(tmp_path):
+  with pytest.raises(ConversionError, match=r"config.json: unsupported Hugging Face architecture "
+                                            r"'BertForSequenceClassification'.*supported: BertForMaskedLM"):
+    t_jax.from_hf(bert_classifier(tmp_path / "arch"))
+  with pytest.raises(ConversionError, match=r"unsupported Hugging Face head: tensors \['classifier.bias', "
+                                            r"'classifier.weight'\] are not part of a BertForMaskedLM"):
+    from_hf(bert_classifier(tmp_path / "tensors", architectures=False))
+  pretraining = copy_fixture("bert_h3_tied", tmp_path / "pretraining")  # its next-sentence head is ignored
+  edit_config(pretraining, architectures=["BertForPreTraining"])
+  edit_weights(pretraining, lambda w: w.update({"cls.seq_relationship.weight": np.zeros((2, 24), np.float32)}))
+  assert tree_equal(from_hf(pretraining)[1], from_hf(FIXTURES / "bert_h3_tied")[1])
+
+
 def test_unknown_family_and_unsupported_features(tmp_path):
   path = copy_fixture("gpt2_h3_tied", tmp_path / "gpt2")
   edit_config(path, model_type="gpt_neox")
   with pytest.raises(ConversionError, match="model_type 'gpt_neox'"):
+    from_hf(path)
+  edit_config(path, model_type="gpt2", n_head="3")
+  with pytest.raises(ConversionError, match="config.json: HF gpt2 config does not fit ModelConfig"):
     from_hf(path)
   path = copy_fixture("llama_gqa3_tied", tmp_path / "llama")
   edit_config(path, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
@@ -282,13 +315,16 @@ def test_params_workdir_round_trip(tmp_path):
   assert (tmp_path / "config.gin").read_text() == config_to_gin(cfg)
 
 
+def run(*args) -> subprocess.CompletedProcess:
+  """python -m launch.convert ARGS on the CPU."""
+  return subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 def test_launch_convert_round_trip(tmp_path):
   hf_dir = copy_fixture("llama_mqa_h5_untied", tmp_path / "hf")
   edit_config(hf_dir, eos_token_id=7, bos_token_id=5, pad_token_id=3)
   (tmp_path / "spm.model").write_bytes(b"sentencepiece bytes")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=REPO, env=env,
-                                     capture_output=True, text=True)
   work = tmp_path / "work"
   r = run(f"--from_hf={hf_dir}", f"--to_workdir={work}", "--scan_layers")
   assert r.returncode == 0, r.stderr
@@ -305,6 +341,84 @@ def test_launch_convert_round_trip(tmp_path):
   assert (out / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
   with pytest.raises(FileExistsError):  # the CLI reports this as 'error: ...' with exit code 2
     hf_to_workdir(str(hf_dir), str(work))
+  (work / "hf_config.json").write_text("{")
+  with pytest.raises(ConversionError, match="hf_config.json: invalid JSON"):
+    workdir_to_hf(str(work), str(tmp_path / "out2"))
+
+
+def truncate(path: Path) -> None:
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def without(fixture: str, path: Path, field: str) -> Path:
+  copy_fixture(fixture, path)
+  config = json.loads((path / "config.json").read_text())
+  del config[field]
+  (path / "config.json").write_text(json.dumps(config))
+  return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_workdir(tmp_path_factory) -> Path:
+  return hf_to_workdir(str(FIXTURES / "gpt2_h3_tied"), str(tmp_path_factory.mktemp("gpt2") / "work"))
+
+
+def truncated_params(tmp: Path, work: Path) -> list[str]:
+  shutil.copytree(work, tmp / "work")
+  for f in (tmp / "work" / "params").rglob("*"):
+    if f.is_file():
+      truncate(f)
+  return [f"--from_workdir={tmp / 'work'}", f"--to_hf={tmp / 'out'}"]
+
+
+def truncated_weights(tmp: Path, work: Path) -> list[str]:
+  truncate(copy_fixture("gpt2_h3_tied", tmp / "hf") / "model.safetensors")
+  return [f"--from_hf={tmp / 'hf'}", f"--to_workdir={tmp / 'work'}"]
+
+
+def invalid_json(tmp: Path, work: Path) -> list[str]:
+  (copy_fixture("gpt2_h3_tied", tmp / "hf") / "config.json").write_text('{"model_type": "gpt2",')
+  return [f"--from_hf={tmp / 'hf'}", f"--to_workdir={tmp / 'work'}"]
+
+
+# Each case: (make(tmp_path, a converted workdir) -> arguments, what the error line contains, with TMP for tmp_path).
+BAD_INPUT = {
+    "truncated_safetensors": (truncated_weights, "TMP/hf/model.safetensors: not a readable safetensors file"),
+    "invalid_json": (invalid_json, "TMP/hf/config.json: invalid JSON"),
+    "missing_n_embd": (lambda tmp, work: [f"--from_hf={without('gpt2_h3_tied', tmp / 'hf', 'n_embd')}",
+                                          f"--to_workdir={tmp / 'work'}"],
+                       "TMP/hf/config.json: missing field 'n_embd'"),
+    "missing_hidden_size": (lambda tmp, work: [f"--from_hf={without('llama_gqa3_tied', tmp / 'hf', 'hidden_size')}",
+                                               f"--to_workdir={tmp / 'work'}"],
+                            "TMP/hf/config.json: missing field 'hidden_size'"),
+    "truncated_params": (truncated_params, "TMP/work/params cannot be read"),
+    "not_a_workdir": (lambda tmp, work: [f"--from_workdir={tmp}", f"--to_hf={tmp / 'out'}"], "no config.gin in TMP"),
+    "classifier_head": (lambda tmp, work: [f"--from_hf={bert_classifier(tmp / 'hf')}", f"--to_workdir={tmp / 'w'}"],
+                        "unsupported Hugging Face architecture 'BertForSequenceClassification'"),
+    "classifier_tensors": (lambda tmp, work: [f"--from_hf={bert_classifier(tmp / 'hf', architectures=False)}",
+                                              f"--to_workdir={tmp / 'w'}"],
+                           "unsupported Hugging Face head: tensors ['classifier.bias', 'classifier.weight']"),
+    "existing_workdir": (lambda tmp, work: [f"--from_hf={FIXTURES / 'gpt2_h3_tied'}",
+                                            f"--to_workdir={shutil.copytree(work, tmp / 'work')}"],
+                         "TMP/work already holds config.gin, params, hf_config.json; pass --overwrite"),
+    "existing_hf_dir": (lambda tmp, work: [f"--from_workdir={work}",
+                                           f"--to_hf={copy_fixture('gpt2_h3_tied', tmp / 'hf')}"],
+                        "TMP/hf already holds config.json, model.safetensors; pass --overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_launch_convert_bad_input_is_one_error_line(tmp_path, gpt2_workdir, case):
+  make, want = BAD_INPUT[case]
+  args = make(tmp_path, gpt2_workdir)
+  before = {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *gpt2_workdir.rglob("*")] if p.is_file()}
+  r = run(*args)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr[-3000:]
+  assert want.replace("TMP", str(tmp_path)) in r.stderr, r.stderr
+  after = {p: p.read_bytes() for p in [*tmp_path.rglob("*"), *gpt2_workdir.rglob("*")] if p.is_file()}
+  assert after == before  # nothing written, nothing lost
 
 
 # ---------------------------------------------------------------- live: need torch and transformers

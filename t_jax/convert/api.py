@@ -16,7 +16,15 @@ from flax import traverse_util
 
 from t_jax.convert import hf_io
 from t_jax.convert.common import ConversionError, stack_layers, unstack_layers
-from t_jax.convert.families import RUNTIME_FIELDS, Family, family_for_config, family_for_hf, normalize_keys
+from t_jax.convert.families import (
+  RUNTIME_FIELDS,
+  Family,
+  check_architectures,
+  check_head_tensors,
+  family_for_config,
+  family_for_hf,
+  normalize_keys,
+)
 from t_jax.models import ModelConfig, abstract_params, build_model
 
 PyTree = Any
@@ -27,13 +35,18 @@ def from_hf(source: Any, *, overrides: Optional[dict] = None) -> tuple[nn.Module
   """(t_jax model, plain params) from a `transformers` model or an HF checkpoint directory.
 
   `overrides` may set run-time ModelConfig fields (dtype, param_dtype, scan_layers, remat_policy,
-  attention_impl, dropout rates, init_std); architectural fields always come from the HF config.
+  attention_impl, dropout rates, init_std); architectural fields always come from the HF config. Errors name
+  the directory's file they concern.
   """
+  _check_overrides(overrides)
   hf, weights = hf_io.read_source(source)
-  family = family_for_hf(hf)
-  weights = normalize_keys(family, weights)
-  cfg = model_config_from_hf(hf, weights, overrides)
-  flat = _to_tj(family, cfg, weights)
+  with hf_io.naming(source, "config.json"):
+    family = family_for_hf(hf)
+    check_architectures(family, hf)
+    cfg = model_config_from_hf(hf, weights, overrides)
+  with hf_io.naming(source):
+    check_head_tensors(family, weights)
+    flat = _to_tj(family, cfg, normalize_keys(family, weights))
   params = traverse_util.unflatten_dict(flat, sep="/")
   if cfg.scan_layers:
     params = stack_layers(params, _stacks(cfg))
@@ -42,15 +55,22 @@ def from_hf(source: Any, *, overrides: Optional[dict] = None) -> tuple[nn.Module
 
 def model_config_from_hf(hf: dict, weights: dict, overrides: Optional[dict] = None) -> ModelConfig:
   """The ModelConfig of an HF config dict (weights decide whether the head is tied)."""
+  _check_overrides(overrides)
+  family = family_for_hf(hf)
+  try:
+    return ModelConfig(**{**family.model_config(hf, normalize_keys(family, weights)), **(overrides or {})})
+  except KeyError as e:
+    raise ConversionError(f"missing field {e.args[0]!r} (required in HF {family.model_type} configs)") from e
+  except ConversionError:
+    raise
+  except (ValueError, TypeError) as e:  # inconsistent or wrongly typed fields
+    raise ConversionError(f"HF {family.model_type} config does not fit ModelConfig: {e}") from e
+
+
+def _check_overrides(overrides: Optional[dict]) -> None:
   bad = sorted(set(overrides or {}) - RUNTIME_FIELDS)
   if bad:
     raise ConversionError(f"overrides may only set run-time fields {sorted(RUNTIME_FIELDS)}, not {bad}")
-  family = family_for_hf(hf)
-  fields = {**family.model_config(hf, normalize_keys(family, weights)), **(overrides or {})}
-  try:
-    return ModelConfig(**fields)
-  except ValueError as e:
-    raise ConversionError(f"HF {family.model_type} config does not fit ModelConfig: {e}") from e
 
 
 def to_hf(model_or_cfg: nn.Module | ModelConfig, params: PyTree, out_dir: str | Path, *,

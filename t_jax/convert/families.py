@@ -34,6 +34,7 @@ class Family:
   irrelevant: frozenset[str]  # ModelConfig fields this family leaves at their defaults
   token_ids: dict  # special ids written by to_hf unless given (t_jax tokenizer: pad 0, eos 1)
   aliases: Callable[[ModelConfig], dict] = lambda cfg: {}  # tensors to_hf also writes: alias -> written name
+  also_reads: tuple[str, ...] = ()  # other HF classes (config.json `architectures`) whose checkpoints convert
 
 
 def tied(hf: dict, weights: Weights, head: str, embed: str) -> bool:
@@ -118,7 +119,7 @@ GPT2 = Family(
     model_config=_gpt2_config, hf_config=_gpt2_hf, rules=_gpt2_rules, prefixes=("transformer.", "lm_head."),
     head="lm_head.weight", embed="transformer.wte.weight", ignored=(r"\.attn\.(masked_)?bias$",),
     irrelevant=NO_POSITION_FIELDS | {"mlm_transform", "num_encoder_layers"},
-    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("GPT2Model",))
 
 # ---------------------------------------------------------------- BERT (masked LM)
 
@@ -178,7 +179,8 @@ BERT = Family(
     ignored=(r"position_ids$", r"^bert\.pooler\.", r"^cls\.seq_relationship\."),
     irrelevant=NO_POSITION_FIELDS | {"num_encoder_layers"}, token_ids=dict(pad_token_id=0),
     # Untied (transformers 5): decoder.bias is its own parameter, and the one forward() uses.
-    aliases=lambda cfg: {} if cfg.tie_embeddings else {"cls.predictions.decoder.bias": "cls.predictions.bias"})
+    aliases=lambda cfg: {} if cfg.tie_embeddings else {"cls.predictions.decoder.bias": "cls.predictions.bias"},
+    also_reads=("BertForPreTraining",))  # its next-sentence head is ignored
 
 # ---------------------------------------------------------------- T5 (v1.0 and v1.1)
 
@@ -250,7 +252,7 @@ T5 = Family(
     embed="shared.weight",
     ignored=(r"EncDecAttention\.relative_attention_bias\.weight$", r"^(encoder|decoder)\.embed_tokens\.weight$"),
     irrelevant=frozenset({"rope_theta", "max_len", "mlm_transform"}),
-    token_ids=dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    token_ids=dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), also_reads=("T5Model",))
 
 # ---------------------------------------------------------------- Llama
 
@@ -311,7 +313,7 @@ LLAMA = Family(
     model_config=_llama_config, hf_config=_llama_hf, rules=_llama_rules, prefixes=("model.", "lm_head."),
     head="lm_head.weight", embed="model.embed_tokens.weight", ignored=(r"rotary_emb\.inv_freq$",),
     irrelevant=frozenset({"relative_buckets", "relative_max_distance", "mlm_transform", "num_encoder_layers"}),
-    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("LlamaModel",))
 
 FAMILIES = {f.model_type: f for f in (GPT2, BERT, T5, LLAMA)}
 
@@ -322,6 +324,28 @@ def family_for_hf(hf: dict) -> Family:
   if kind not in FAMILIES:
     raise c.ConversionError(f"unsupported Hugging Face model_type {kind!r}; supported: {sorted(FAMILIES)}")
   return FAMILIES[kind]
+
+
+def supported_classes() -> str:
+  """The HF model classes whose checkpoints from_hf converts, comma-separated (base models when tied)."""
+  return ", ".join(sorted(n for f in FAMILIES.values() for n in (f.hf_class, *f.also_reads)))
+
+
+def check_architectures(family: Family, hf: dict) -> None:
+  """Raises, naming it, when config.json `architectures` lists a model class `family` does not convert."""
+  for name in hf.get("architectures") or []:
+    if name not in (family.hf_class, *family.also_reads):
+      raise c.ConversionError(f"unsupported Hugging Face architecture {name!r}; supported: {supported_classes()}")
+
+
+def check_head_tensors(family: Family, weights: Weights) -> None:
+  """Raises when tensors beside the base model's prefixed ones belong to another head (e.g. `classifier.weight`)."""
+  if not family.prefixes or not any(k.startswith(family.prefixes[0]) for k in weights):
+    return  # T5 has no prefixes; a bare base model's keys have none
+  foreign = sorted(k for k in weights if not k.startswith(family.prefixes))
+  if foreign:
+    raise c.ConversionError(f"unsupported Hugging Face head: tensors {foreign[:3]}{' ...' if len(foreign) > 3 else ''}"
+                            f" are not part of a {family.hf_class}; supported: {supported_classes()}")
 
 
 def family_for_config(cfg: ModelConfig) -> Family:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +26,30 @@ def read_source(source: Any) -> tuple[dict, Weights]:
 
 
 def read_dir(path: Path) -> tuple[dict, Weights]:
-  """config.json plus every *.safetensors file (else pytorch_model*.bin) of a checkpoint directory."""
-  if not (path / "config.json").is_file():
+  """config.json plus every *.safetensors file (else pytorch_model*.bin) of a checkpoint directory.
+
+  Unreadable files raise a ConversionError naming the file.
+  """
+  config_file = path / "config.json"
+  if not config_file.is_file():
     raise ConversionError(f"{path} has no config.json")
-  config = json.loads((path / "config.json").read_text())
+  try:
+    config = json.loads(config_file.read_text())
+  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise ConversionError(f"{config_file}: invalid JSON ({e})") from e
+  if not isinstance(config, dict):
+    raise ConversionError(f"{config_file}: not a JSON object")
   weights: Weights = {}
   shards = sorted(path.glob("*.safetensors"))
   if shards:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     for shard in shards:
-      weights.update(load_file(str(shard)))
+      try:
+        weights.update(load_file(str(shard)))
+      except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{shard}: not a readable safetensors file (truncated?): {e}") from e
     return config, weights
   bins = sorted(path.glob("pytorch_model*.bin"))
   if not bins:
@@ -42,9 +57,23 @@ def read_dir(path: Path) -> tuple[dict, Weights]:
   import torch
 
   for shard in bins:
-    state = torch.load(shard, map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(shard, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch reports bad files as RuntimeError, EOFError, UnpicklingError
+      raise ConversionError(f"{shard}: not a readable PyTorch file (truncated?): {e}") from e
     weights.update({k: _torch_to_numpy(v) for k, v in state.items()})
   return config, weights
+
+
+@contextlib.contextmanager
+def naming(source: Any, file: str = "") -> Iterator[None]:
+  """Prefixes ConversionErrors raised inside with `source/file` when the source is a checkpoint directory."""
+  try:
+    yield
+  except ConversionError as e:
+    if not isinstance(source, (str, os.PathLike)):
+      raise
+    raise ConversionError(f"{Path(source) / file}: {e}") from e
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:
