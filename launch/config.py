@@ -59,11 +59,13 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
 
 def build(cls: type) -> Any:
   """An instance of one config class with the parsed bindings; a binding of the wrong type is a ConfigError."""
+  literals = {k: v for k, v in gin.get_bindings(cls).items() if type(v) in (int, float, str, bool)}
+  _check_types(cls, literals)  # before __post_init__ compares 'abc' with a number
   try:
     obj = _GIN[cls]()
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e).split("\n")[0]) from e
-  _check_types(obj)
+  _check_types(cls, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
   return obj
 
 
@@ -81,15 +83,15 @@ def operative() -> str:
   return gin.config_str()
 
 
-def _check_types(obj: Any) -> None:
-  """Bound values must have their field's type (int for float is fine): 'abc' for d_model is an error."""
-  hints = typing.get_type_hints(type(obj))
-  for f in dataclasses.fields(obj):
-    value, hint = getattr(obj, f.name), hints.get(f.name)
+def _check_types(cls: type, values: dict[str, Any]) -> None:
+  """Field values must have their field's type (int for float is fine): 'abc' for d_model is an error."""
+  hints = typing.get_type_hints(cls)
+  for name, value in values.items():
+    hint = hints.get(name)
     allowed = tuple(t for t in typing.get_args(hint) or (hint,) if t in (int, float, str, bool))
     if not allowed or value is None or isinstance(value, allowed):
       continue
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
       continue
     names = " or ".join(t.__name__ for t in allowed)
-    raise ConfigError(f"{type(obj).__name__}.{f.name}={value!r} must be {names}, not {type(value).__name__}")
+    raise ConfigError(f"{cls.__name__}.{name}={value!r} must be {names}, not {type(value).__name__}")

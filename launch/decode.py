@@ -11,11 +11,17 @@ stdout: sacreBLEU's BLEU and chrF, each with its signature. Errors: one `error:`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import io
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from launch import error_line
 from t_jax.inference import METHODS, generate
 
 
@@ -28,10 +34,49 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
+class _WarningsOnly(io.TextIOBase):
+  """A stand-in for stderr that passes on only the lines starting with `warning:` (from any thread)."""
+
+  def __init__(self, out: Any) -> None:
+    super().__init__()
+    self.out, self._partial, self._lock = out, "", threading.Lock()
+
+  def write(self, text: str) -> int:
+    """Forwards each completed `warning:` line; drops the other lines."""
+    with self._lock:
+      *lines, self._partial = (self._partial + text).split("\n")
+    for line in lines:
+      if line.startswith("warning:"):
+        self.out.write(line + "\n")
+    return len(text)
+
+
+@contextlib.contextmanager
+def _quiet_checkpoint_reads() -> Iterator[None]:
+  """Keeps only `warning:` lines on stderr while a checkpoint is read.
+
+  When a truncated checkpoint fails, orbax and tensorstore threads still in flight print tracebacks
+  ("Event loop is closed", futures never retrieved) and orbax logs errors that say nothing the loader's
+  warning or error does not.
+  """
+  stderr, loggers = sys.stderr, [logging.getLogger(name) for name in ("asyncio", "absl")]
+  levels, sys.stderr = [log.level for log in loggers], _WarningsOnly(sys.stderr)
+  for log in loggers:
+    log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()  # failed futures and coroutines report at collection: do it while quiet
+    sys.stderr = stderr
+    for log, level in zip(loggers, levels):
+      log.setLevel(level)
+
+
 def load_run(workdir: str) -> tuple[Any, Any, Any]:
   """(model_cfg, params, tokenizer) of a training run (t_jax.load)."""
   from t_jax.workdir import load  # imported lazily
-  return load(workdir)
+  with _quiet_checkpoint_reads():
+    return load(workdir)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -118,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     lines = run(parse_args(argv))
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {error_line(e)}", file=sys.stderr)
     return 2
   for line in lines:
     print(line)
@@ -126,4 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  status = main()
+  if status:  # skip interpreter teardown, where reads still in flight after a failed load print tracebacks
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)

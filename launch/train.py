@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 
-from launch import config
+from launch import config, error_line
 from launch.flags import initialize_from_flags
 from t_jax.models import ModelConfig, abstract_params, build_model, param_table
 from t_jax.training import train
@@ -36,6 +38,24 @@ def dry_run() -> int:
   return 0
 
 
+def check_workdir(workdir: str) -> None:
+  """ValueError naming --workdir when it, or the nearest existing folder above it, is a file or not writable.
+
+  Nothing is created here (a probe file is written and removed); training creates the workdir.
+  """
+  existing = Path(workdir).absolute()
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  where = f"--workdir={workdir}" + ("" if existing == Path(workdir).absolute() else f": {existing}")
+  if not existing.is_dir():
+    raise ValueError(f"{where} is a file, not a directory")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ValueError(f"{where} is not writable ({e.strerror or e})") from e
+
+
 def main(argv: list[str]) -> int:
   """Entry point: parse gin, then dry-run or train; bad input exits 2 with one `error:` line naming it."""
   del argv
@@ -48,14 +68,15 @@ def main(argv: list[str]) -> int:
       return dry_run()
     if not WORKDIR.value:
       raise config.ConfigError("--workdir is required for training")
+    check_workdir(WORKDIR.value)
     exp = config.experiment()
     train(WORKDIR.value, exp, config_text=config.operative(), force_unlock=FORCE_UNLOCK.value,
           allow_config_change=ALLOW_CHANGE.value)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {error_line(e)}", file=sys.stderr)
     return 2
   except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {error_line(e)}", file=sys.stderr)
     return 1
   return 0
 

@@ -1,7 +1,9 @@
 """Tests for t_jax.data: sources, tokenizer, objectives, packing and checkpointable iterators."""
 
+import dataclasses
 import glob
 import gzip
+import inspect
 import json
 import os
 import pickle
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 
 from t_jax import data
-from t_jax.data import objectives, sources
+from t_jax.data import objectives, sources, tokenizer
+from t_jax.data.task import TaskConfig, check_sources, make_tokenizer
 
 MULTI30K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
 
@@ -192,6 +195,47 @@ def test_empty_sources_raise(tmp_path):
     data.ParallelTextSource(str(tmp_path / "e.en"), str(tmp_path / "e.de"))
 
 
+def test_directory_in_sources_is_named(tmp_path):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "a.txt").write_text("x\n")
+  with pytest.raises(ValueError, match=r"TextFileSource.*sub is a directory, not a file"):
+    data.TextFileSource(str(tmp_path / "*"))
+  with pytest.raises(ValueError, match=r"ParallelTextSource.*sub is a directory, not a file"):
+    data.ParallelTextSource(str(tmp_path / "sub"), str(tmp_path / "a.txt"))
+
+
+class _ReadSpy:
+  """A file whose read sizes are recorded."""
+
+  def __init__(self, f, reads):
+    self.f, self.reads = f, reads
+
+  def seek(self, offset):
+    return self.f.seek(offset)
+
+  def read(self, size):
+    self.reads.append(size)
+    return self.f.read(size)
+
+  def close(self):
+    self.f.close()
+
+
+def test_long_records_capped_by_default_and_read_bounded(tmp_path, monkeypatch):
+  """A 2 MB line is cut at MAX_CHARS by default (counted); an indexed line is read only as far as needed."""
+  for cls in (data.TextFileSource, data.ParallelTextSource, data.TfdsSource, data.PydocSource):
+    assert inspect.signature(cls).parameters["max_chars"].default == sources.MAX_CHARS == 1_000_000
+  (tmp_path / "long.txt").write_bytes(b"word " * 400_000 + b"\nshort\n")
+  src = data.TextFileSource(str(tmp_path / "long.txt"))
+  assert len(src[0]["text"]) == sources.MAX_CHARS and src[1]["text"] == "short"
+  assert src.stats == {"documents": 2, "truncated": 1}
+  (tmp_path / "euro.txt").write_text("\u20ac" * 1000 + "\n")  # 3-byte characters: a bounded read cuts one
+  euro, reads = data.TextFileSource(str(tmp_path / "euro.txt"), max_chars=10), []
+  monkeypatch.setattr(sources, "open", lambda path, mode: _ReadSpy(open(path, mode), reads), raising=False)
+  assert euro[0]["text"] == "\u20ac" * 10 and euro.stats == {"documents": 1, "truncated": 1}
+  assert reads == [44]  # 4 * max_chars + 4 bytes, not the line's 3000
+
+
 def test_parallel_text_gz_skips_and_mismatch(tmp_path):
   _write_gz(tmp_path / "x.en.gz", "a house\n\nthe dog\nbad\n")
   _write_gz(tmp_path / "x.de.gz", b"ein Haus\nleer\nder Hund\n\xff\n")
@@ -273,6 +317,49 @@ def test_tokenizer_save_reload_reuse_and_bpe(tok, sentences, tmp_path):
   assert loaded.encode(text) == bpe.encode(text) and loaded.decode(loaded.encode(text)) == text
   assert loaded.vocab_size == bpe.vocab_size + 3
   assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)
+
+
+def test_tokenizer_trains_on_one_long_line(tmp_path):
+  """A 2 MB single line (SentencePiece drops sentences over max_sentence_length) is cut at spaces."""
+  words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "kappa", "omega"], 350_000)
+  (tmp_path / "one.txt").write_text(" ".join(words) + "\n")
+  src = data.TextFileSource(str(tmp_path / "one.txt"), max_chars=200_000)
+  tok = data.Tokenizer.train(src, str(tmp_path / "tok.model"), vocab_size=40, max_sentences=200)
+  assert tok.decode(tok.encode("gamma delta")) == "gamma delta"
+  pieces = list(tokenizer._pieces("ab cd efgh " * 3 + "x" * 25, 10))  # at the last space, else hard
+  assert pieces == ["ab cd efgh"] * 3 + ["x" * 10] * 2 + ["x" * 5]
+
+
+def test_vocabulary_too_small_names_the_minimum_and_binding(sentences, tmp_path):
+  with pytest.raises(tokenizer.VocabularyTooSmall, match=r"needs at least \d+ pieces.*got vocab_size=5") as e:
+    data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=5)
+  assert data.Tokenizer.train(sentences, str(tmp_path / "t.model"), vocab_size=e.value.minimum)  # enough
+  task = TaskConfig(objective=data.CausalLM(seq_len=16), train_source=sentences)
+  least = e.value.minimum
+  with pytest.raises(ValueError, match=rf"ModelConfig\.vocab_size=8 is too small.*at least {least} "):
+    make_tokenizer(task, 8, str(tmp_path / "run"))
+  task = dataclasses.replace(task, vocab_size=9, num_extra_ids=2)
+  with pytest.raises(ValueError, match=rf"TaskConfig\.vocab_size=9 .*at least {least + 2} .*num_extra_ids=2"):
+    make_tokenizer(task, 512, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_check_sources_reports_and_refuses_mostly_bad(tmp_path, sentences, capsys):
+  (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(64 << 10))
+  garbage = data.TextFileSource(str(tmp_path / "random.bin"))
+  task = TaskConfig(objective=data.CausalLM(seq_len=16), train_source=sentences, eval_source=garbage)
+  want = r"eval source .*random\.bin'\) is mostly unusable: 100\.0% .*undecodable 262.*max_bad_fraction=0\.5"
+  with pytest.raises(ValueError, match=want):
+    check_sources(task)
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == f"data: train {sentences.name}: documents 12; 0 of 12 sampled records unusable"
+  assert out[1].startswith(f"data: eval {garbage.name}: documents ") and "undecodable" in out[1]
+  check_sources(dataclasses.replace(task, max_bad_fraction=1.0))  # allowed when asked
+  _write_gz(tmp_path / "bad.txt.gz", b"\xff\n" * 30 + b"ok\n" * 10)  # read into memory: dropped at load time
+  with pytest.raises(ValueError, match=r"bad\.txt\.gz'\) is mostly unusable: 75\.0% .*undecodable 30"):
+    check_sources(dataclasses.replace(task, eval_source=data.TextFileSource(str(tmp_path / "bad.txt.gz"))))
+  with pytest.raises(ValueError, match=r"max_bad_fraction=1\.5 must be in \[0, 1\]"):
+    dataclasses.replace(task, max_bad_fraction=1.5)
 
 
 # ---------------------------------------------------------------- objectives

@@ -13,17 +13,20 @@ Quick start::
   it.set_state(state)                                        # resumes bit-identically
 
 Sources (random access: `len(src)`, `src[i] -> dict[str, str] | None`; `src.stats` -> counters):
-  TfdsSource(name, split="train", keys="text", data_dir=None, max_chars=None)
+  TfdsSource(name, split="train", keys="text", data_dir=None, max_chars=MAX_CHARS)
       any TFDS dataset via tfds.data_source (no TensorFlow); keys maps output key -> TFDS feature,
       e.g. TfdsSource("wmt14_translate/de-en", keys={"inputs": "en", "targets": "de"}).
-  TextFileSource(patterns, per_line=True, key="text", max_chars=None)
+  TextFileSource(patterns, per_line=True, key="text", max_chars=MAX_CHARS)
       glob patterns, .gz allowed; one document per line, or per file with per_line=False.
   ParallelTextSource(source_path, target_path, inputs_key="inputs", targets_key="targets")
   ParallelTextSource.from_prefix(prefix, "en", "de")    # {prefix}.en[.gz] / {prefix}.de[.gz]
       line-aligned files; different line counts -> ValueError naming both files and counts.
   PydocSource(split="train" | "validation", unit="paragraph" | "topic", validation_every=10)
   A source with no documents raises ValueError naming it; empty lines and undecodable (non UTF-8) lines
-  are skipped and counted in `stats` ("empty", "undecodable"); max_chars truncates ("truncated").
+  are skipped and counted in `stats` ("empty", "undecodable"); max_chars truncates ("truncated"; default
+  MAX_CHARS = 1,000,000 characters per record, None = no cap). Training prints one `data:` line per source
+  with these counts and refuses a source whose sampled records are mostly unusable
+  (TaskConfig.max_bad_fraction, default 0.5).
   Uncompressed line files are indexed once and read from disk per record (a bad line reads as None,
   counted then); `.gz`, per-file and parallel text are read into memory. TfdsSource reads lazily.
 

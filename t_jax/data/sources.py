@@ -3,15 +3,17 @@
 Every source has `__len__` and `__getitem__(i) -> dict[str, str] | None` (grain's RandomAccessDataSource
 protocol), a `name` and `stats` (documents kept, lines skipped as empty/undecodable, documents truncated).
 `None` marks a record that was skipped lazily (TfdsSource and indexed TextFileSource lines); grain filters
-it out.
+it out. Records longer than `max_chars` (default MAX_CHARS; None: no limit) are truncated and counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import glob
 import gzip
 import importlib
+import os
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
@@ -19,6 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 Example = dict[str, str]
+# Default cap on a record's characters: one pathological line (a 50 MB minified file) cannot blow up memory.
+MAX_CHARS = 1_000_000
 # Uncompressed line files are indexed reading this many bytes at a time (tests shrink it).
 READ_CHUNK_BYTES = 32 << 20
 # Each reading thread keeps at most this many files open.
@@ -53,11 +57,14 @@ class Counts:
     self._counts.update(state)
 
 
-def _decode(raw: bytes | str, counts: Counts, max_chars: int | None) -> str | None:
-  """UTF-8 text of one document, or None (counted) when undecodable or empty."""
+def _decode(raw: bytes | str, counts: Counts, max_chars: int | None, cut: bool = False) -> str | None:
+  """UTF-8 text of one document, or None (counted) when undecodable or empty.
+
+  `cut`: raw is the first bytes of a longer record, so a character split at its end is dropped, not an error.
+  """
   if isinstance(raw, bytes):
     try:
-      raw = raw.decode("utf-8")
+      raw = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
     except UnicodeDecodeError:
       counts.add("undecodable")
       return None
@@ -65,7 +72,7 @@ def _decode(raw: bytes | str, counts: Counts, max_chars: int | None) -> str | No
   if not text:
     counts.add("empty")
     return None
-  if max_chars is not None and len(text) > max_chars:
+  if max_chars is not None and (cut or len(text) > max_chars):
     counts.add("truncated")
     text = text[:max_chars]
   return text
@@ -90,7 +97,17 @@ def _expand(patterns: str | Sequence[str], name: str) -> list[str]:
   files = sorted({f for p in patterns for f in glob.glob(p)})
   if not files:
     raise ValueError(f"{name}: no files match {patterns}")
+  _check_files(files, name)
   return files
+
+
+def _check_files(paths: Sequence[str], name: str) -> None:
+  """ValueError naming the first path that is a directory or does not exist."""
+  for path in paths:
+    if os.path.isdir(path):
+      raise ValueError(f"{name}: {path} is a directory, not a file (give a glob such as '{path}/*.txt')")
+    if not os.path.exists(path):
+      raise ValueError(f"{name}: {path} does not exist")
 
 
 def _index_lines(path: str, counts: Counts) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +178,13 @@ class _FileLines:
   def __len__(self) -> int:
     return len(self._starts)
 
-  def _read(self, index: int) -> bytes:
-    """Bytes of line `index`, read through this thread's handle on its file."""
+  def _read(self, index: int) -> tuple[bytes, bool]:
+    """Line `index`'s bytes, read through this thread's handle, and whether they were cut at max_chars.
+
+    At most 4 * max_chars + 4 bytes are read: enough for max_chars + 1 characters of UTF-8.
+    """
+    size = int(self._ends[index] - self._starts[index])
+    limit = size if self.max_chars is None else min(size, 4 * self.max_chars + 4)
     file = int(np.searchsorted(self._file_ends, index, side="right"))
     handles = vars(self._local).setdefault("handles", _Handles())
     if file not in handles:
@@ -170,12 +192,13 @@ class _FileLines:
         handles.pop(next(iter(handles))).close()
       handles[file] = open(self.files[file], "rb")
     handles[file].seek(int(self._starts[index]))
-    return handles[file].read(int(self._ends[index] - self._starts[index]))
+    return handles[file].read(limit), limit < size
 
   def __getitem__(self, index: int) -> Example | None:
     index = range(len(self))[index]  # negative indices; IndexError past the end
     found = Counts()
-    text = _decode(self._read(index), found, self.max_chars)
+    raw, cut = self._read(index)
+    text = _decode(raw, found, self.max_chars, cut)
     reasons = found.as_dict()
     if reasons:  # counted once per line, however often it is read
       with self._lock:
@@ -187,11 +210,15 @@ class _FileLines:
 
 
 class InMemorySource:
-  """A sequence of examples (a list in memory, or file lines read on demand) and its counts."""
+  """A sequence of examples (a list in memory, or file lines read on demand) and its counts.
+
+  `load_counts`: the counts at construction; records skipped then (undecodable, blank) are not in len().
+  """
 
   def __init__(self, examples: Sequence[Example | None], name: str, counts: Counts | None = None) -> None:
     self.name = name
     self.counts = counts or Counts()
+    self.load_counts = self.counts.as_dict()
     if not examples:
       raise ValueError(f"{name}: no documents (skipped: {self.counts.as_dict() or 'none'})")
     self._examples = examples
@@ -221,10 +248,12 @@ class TextFileSource(InMemorySource):
   whitespace-only gives None and, like truncations, is counted once when first read (as TfdsSource).
   `.gz` files (no random access) and per_line=False (one document per file) are read into memory: when
   any matched file is `.gz`, or per_line=False, the whole source is (lines split with bytes.splitlines).
+  Documents are cut at `max_chars` characters (counted "truncated"); an indexed line is read only that far
+  (so a line whose first 4 * max_chars bytes are blank reads as empty). A matched directory is an error.
   """
 
   def __init__(self, patterns: str | Sequence[str], *, per_line: bool = True, key: str = "text",
-               max_chars: int | None = None) -> None:
+               max_chars: int | None = MAX_CHARS) -> None:
     name = f"TextFileSource({patterns!r})"
     files, counts = _expand(patterns, name), Counts()
     if per_line and not any(path.endswith(".gz") for path in files):
@@ -238,12 +267,13 @@ class TextFileSource(InMemorySource):
 class ParallelTextSource(InMemorySource):
   """Line-aligned parallel files (`.gz` allowed) -> {inputs_key: source line, targets_key: target line}.
 
-  A pair is skipped (and counted) when either side is empty or not valid UTF-8.
+  A pair is skipped (and counted) when either side is empty or not valid UTF-8; sides are cut at max_chars.
   """
 
   def __init__(self, source_path: str, target_path: str, *, inputs_key: str = "inputs",
-               targets_key: str = "targets", max_chars: int | None = None) -> None:
+               targets_key: str = "targets", max_chars: int | None = MAX_CHARS) -> None:
     name = f"ParallelTextSource({source_path!r}, {target_path!r})"
+    _check_files([source_path, target_path], name)
     src, tgt = _read_bytes(source_path).splitlines(), _read_bytes(target_path).splitlines()
     if len(src) != len(tgt):
       raise ValueError(f"Parallel files differ in line count: {source_path} has {len(src)} lines, "
@@ -277,7 +307,7 @@ class PydocSource(InMemorySource):
   """
 
   def __init__(self, split: str = "train", *, unit: str = "paragraph", validation_every: int = 10,
-               key: str = "text", max_chars: int | None = None) -> None:
+               key: str = "text", max_chars: int | None = MAX_CHARS) -> None:
     from pydoc_data.topics import topics
 
     if split not in ("train", "validation") or unit not in ("paragraph", "topic"):
@@ -287,6 +317,8 @@ class PydocSource(InMemorySource):
       for raw in (topics[name].split("\n\n") if unit == "paragraph" else [topics[name]]):
         text = _decode(raw, counts, None)
         if text is not None and (zlib.crc32(text.encode()) % validation_every == 0) == (split == "validation"):
+          if max_chars is not None and len(text) > max_chars:
+            counts.add("truncated")
           examples.append({key: text[:max_chars]})
     super().__init__(examples, f"PydocSource({split!r}, unit={unit!r})", counts)
 
@@ -316,7 +348,7 @@ class TfdsSource:
   """
 
   def __init__(self, name: str, split: str = "train", *, keys: str | Sequence[str] | Mapping[str, str] = "text",
-               data_dir: str | None = None, max_chars: int | None = None) -> None:
+               data_dir: str | None = None, max_chars: int | None = MAX_CHARS) -> None:
     self.name = f"TfdsSource({name!r}, split={split!r})"
     if isinstance(keys, str):
       keys = {keys: keys}

@@ -62,8 +62,7 @@ class TaskConfig:
 
 
 def make_tokenizer(task: TaskConfig, model_vocab: int, workdir: str) -> Tokenizer:
-  """Checks the sources (check_sources), then loads TaskConfig.tokenizer, or trains (first run) / reloads
-  (resume) DIR/tokenizer.model."""
+  """check_sources, then loads TaskConfig.tokenizer or trains (first run) / reloads DIR/tokenizer.model."""
   check_sources(task)
   if task.tokenizer is not None:
     if not os.path.exists(task.tokenizer):
@@ -79,14 +78,15 @@ def make_tokenizer(task: TaskConfig, model_vocab: int, workdir: str) -> Tokenize
 
 def _train_tokenizer(task: TaskConfig, model_vocab: int, path: str) -> Tokenizer:
   """Tokenizer.train with the task's settings; a vocabulary too small for the corpus names the binding."""
+  size = task.vocab_size or model_vocab
   try:
-    return Tokenizer.train(task.train_source, path, vocab_size=(task.vocab_size or model_vocab) - task.num_extra_ids,
+    return Tokenizer.train(task.train_source, path, vocab_size=size - task.num_extra_ids,
                            model_type=task.tokenizer_type, num_extra_ids=task.num_extra_ids,
                            max_sentences=task.tokenizer_sentences,
                            character_coverage=task.tokenizer_character_coverage,
                            byte_fallback=task.tokenizer_byte_fallback)
   except VocabularyTooSmall as e:
-    field = f"TaskConfig.vocab_size={task.vocab_size}" if task.vocab_size else f"ModelConfig.vocab_size={model_vocab}"
+    field = f"{'TaskConfig' if task.vocab_size else 'ModelConfig'}.vocab_size={size}"
     raise ValueError(f"{field} is too small: {e}; set it to at least {e.minimum + task.num_extra_ids} "
                      f"({e.minimum} pieces + num_extra_ids={task.num_extra_ids}), or lower "
                      f"TaskConfig.tokenizer_character_coverage={task.tokenizer_character_coverage}") from e
@@ -112,8 +112,8 @@ def check_sources(task: TaskConfig) -> None:
     if jax.process_index() == 0:
       print(f"data: {role} {name}: {counts}; {none} of {len(sample)} sampled records unusable", flush=True)
     if bad > task.max_bad_fraction:
-      raise ValueError(f"{role} source {name} is mostly unusable: {bad:.1%} of its records are undecodable or "
-                       f"empty ({counts}; {none} of {len(sample)} sampled records unusable), above "
+      raise ValueError(f"{role} source {name} is mostly unusable: {bad:.1%} of its records are undecodable "
+                       f"or empty ({counts}; {none} of {len(sample)} sampled records unusable), above "
                        f"TaskConfig.max_bad_fraction={task.max_bad_fraction}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -12,19 +13,43 @@ import sentencepiece as spm
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MASK_PIECE = "<mask>"
+# SentencePiece's complaint when the corpus has more distinct characters than the vocabulary has room for.
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def _training_sentences(source: Sequence, max_sentences: int) -> Iterator[str]:
-  """Up to max_sentences non-empty lines from an evenly strided sample of the source's documents."""
+class VocabularyTooSmall(ValueError):
+  """The vocabulary cannot hold the corpus's required characters; `minimum` is SentencePiece's need."""
+
+  def __init__(self, vocab_size: int, minimum: int, source_name: str) -> None:
+    self.vocab_size, self.minimum = vocab_size, minimum
+    super().__init__(f"SentencePiece needs at least {minimum} pieces for the characters of {source_name}, "
+                     f"got vocab_size={vocab_size}")
+
+
+def _pieces(line: str, max_chars: int) -> Iterator[str]:
+  """A line cut into pieces of at most max_chars characters, at the last space before the limit if any."""
+  while len(line) > max_chars:
+    cut = line.rfind(" ", 1, max_chars + 1)
+    cut = cut if cut > 0 else max_chars
+    yield line[:cut]
+    line = line[cut:].lstrip(" ")
+  if line:
+    yield line
+
+
+def _training_sentences(source: Sequence, max_sentences: int, max_chars: int) -> Iterator[str]:
+  """Up to max_sentences non-empty lines (long ones cut in max_chars pieces) from a strided sample."""
   stride = max(1, len(source) // max_sentences)
   emitted = 0
   for i in range(0, len(source), stride):
     example = source[i]
     for text in (example or {}).values():
       for line in text.splitlines():
-        if line.strip() and emitted < max_sentences:
+        for piece in _pieces(line, max_chars) if line.strip() else ():
+          if emitted >= max_sentences:
+            return
           emitted += 1
-          yield line
+          yield piece
     if emitted >= max_sentences:
       return
 
@@ -60,25 +85,34 @@ class Tokenizer:
   @classmethod
   def train(cls, source: Sequence, path: str, *, vocab_size: int = 8000, model_type: str = "unigram",
             num_extra_ids: int = 0, max_sentences: int = 100_000, character_coverage: float = 0.9995,
-            byte_fallback: bool = False, num_threads: int = 4, overwrite: bool = False) -> Tokenizer:
+            byte_fallback: bool = False, num_threads: int = 4, max_sentence_chars: int = 4096,
+            overwrite: bool = False) -> Tokenizer:
     """Trains on a source's texts and saves to `path`; reuses the model at `path` if it already exists.
 
-    `vocab_size` is a soft limit for SentencePiece (hard_vocab_limit=False), excluding the extra ids.
+    `vocab_size` is a soft limit for SentencePiece (hard_vocab_limit=False), excluding the extra ids; one
+    below what the corpus's characters need raises VocabularyTooSmall, other SentencePiece failures
+    ValueError. Lines longer than `max_sentence_chars` are cut into pieces (at spaces where possible).
     The model is written atomically, so concurrent processes never read a partial file.
     """
     if os.path.exists(path) and not overwrite:
       return cls(path, num_extra_ids)
-    sentences = list(_training_sentences(source, max_sentences))
+    name = getattr(source, "name", source)
+    sentences = list(_training_sentences(source, max_sentences, max_sentence_chars))
     if not sentences:
-      raise ValueError(f"Tokenizer.train: no text in {getattr(source, 'name', source)!r}")
+      raise ValueError(f"Tokenizer.train: no text in {name!r}")
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf,
-        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-        byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, train_extremely_large_corpus=False,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=num_threads,
-        minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(sentences), model_writer=buf,
+          vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+          byte_fallback=byte_fallback, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+          user_defined_symbols=[MASK_PIECE], hard_vocab_limit=False, train_extremely_large_corpus=False,
+          input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=num_threads,
+          max_sentence_length=4 * max_sentence_chars, minloglevel=2)  # bytes: no piece is dropped
+    except RuntimeError as e:
+      if m := _TOO_SMALL.search(str(e)):
+        raise VocabularyTooSmall(vocab_size, int(m.group(2)), name) from e
+      raise ValueError(f"SentencePiece could not train on {name}: {str(e).strip()}") from e
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
