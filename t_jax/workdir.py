@@ -122,9 +122,14 @@ def _checkpoint_params(directory: Path, step: Optional[int], target: Any) -> Any
         except Exception as e:  # noqa: BLE001 - a truncated or missing array file
           error = e
       if i == len(steps) - 1:
-        raise ValueError(f"checkpoint {directory}/{s} cannot be read: {type(error).__name__}: {error}") from error
-      print(f"warning: checkpoint {directory}/{s} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
-            "using the previous one", file=sys.stderr)
+        raise ValueError(f"checkpoint {directory}/{s} cannot be read: {_first_line(error)}") from error
+      print(f"warning: checkpoint {directory}/{s} cannot be read ({_first_line(error)}); using the previous one",
+            file=sys.stderr)
+
+
+def _first_line(e: BaseException) -> str:
+  """`Type: first line of the message` (tensorstore errors carry a page-long spec after it), at most 200 chars."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def check_params(saved: Any, expected: Any, where: str) -> None:
