@@ -94,6 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--repetition_penalty", type=float, default=None, help="CTRL penalty on seen tokens (1 = off).")
   p.add_argument("--no_repeat_ngram_size", type=int, default=None, help="Never repeat an n-gram (0 = off).")
+  p.add_argument("--prompt_cache", help="A t_jax.inference.save_prompt_cache file to continue from (paged cache).")
   p.add_argument("--num_beams", type=int, default=None)
   p.add_argument("--length_penalty", type=float, default=None, help="GNMT alpha for beam search (0.6).")
   p.add_argument("--draft_workdir", help="Draft model run for --method=speculative.")
@@ -112,6 +113,8 @@ def decode_texts(cfg: Any, params: Any, tokenizer: Any, texts: list[str], args: 
   opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
               length_penalty=args.length_penalty, repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size, pad_multiple=8)
+  if args.prompt_cache:
+    opts["prompt_cache"] = args.prompt_cache
   if draft is not None:
     opts.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
   outs = []

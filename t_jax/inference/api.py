@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t_jax.inference import paged as paged_lib
+from t_jax.inference import prompt_cache as prompt_cache_lib
 from t_jax.inference import text
 from t_jax.inference.penalties import NO_PENALTY, Penalty
 from t_jax.inference.runner import Runner
+from t_jax.inference.runner import model_config as _config
 from t_jax.inference.sampling import Sampler
 from t_jax.inference.search import beam_search, sample_loop
 from t_jax.inference.speculative import speculative_loop
@@ -23,6 +26,7 @@ from t_jax.models import ModelConfig
 
 PyTree = Any
 METHODS = ("greedy", "sample", "beam", "speculative")
+CACHES = ("contiguous", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +48,17 @@ class Plan:
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, lengths: jax.Array,
-            rng: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
-  """The whole generation (prefill + loop) as one XLA program."""
+            rng: jax.Array, pages: Optional[dict] = None) -> tuple[jax.Array, jax.Array, dict]:
+  """The whole generation (prefill + loop) as one XLA program; `pages` (from _paged) for a paged cache."""
   common = dict(max_new_tokens=plan.max_new_tokens, eos_id=plan.eos_id, pad_id=plan.pad_id)
+  if pages is not None:
+    cache = plan.target.empty_pages(params, ids.shape[0])
+    if pages["prefix_k"] is not None:  # a prompt cache: written once, its partial page copied per row
+      cache = paged_lib.write_pages(cache, pages["prefix_pages"], pages["prefix_k"], pages["prefix_v"])
+      cache = paged_lib.copy_pages(cache, pages["copy_src"], pages["copy_dst"])
+    paged = dict(cache=cache, table=pages["table"], start=pages["start"])
+    return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty,
+                       paged=paged, **common)
   if plan.method == "speculative":
     return speculative_loop(plan.target, plan.draft, params, draft_params, ids, lengths, rng,
                             sampler=plan.sampler, num_draft=plan.num_draft, **common)
@@ -54,15 +66,6 @@ def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, le
     return beam_search(plan.target, params, ids, lengths, num_beams=plan.num_beams, alpha=plan.length_penalty,
                        penalty=plan.penalty, **common)
   return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty, **common)
-
-
-def _config(model_or_cfg: Any) -> ModelConfig:
-  cfg = model_or_cfg if isinstance(model_or_cfg, ModelConfig) else getattr(model_or_cfg, "cfg", None)
-  if not isinstance(cfg, ModelConfig):
-    raise ValueError(f"expected a ModelConfig or a t_jax model, got {type(model_or_cfg).__name__}")
-  if cfg.architecture == "encoder":
-    raise ValueError("encoder-only models do not generate; use a decoder, prefix_lm or encoder_decoder model")
-  return cfg
 
 
 def _rows(prompt_tokens: Any, pad_id: int) -> list[list[int]]:
@@ -211,6 +214,38 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
   return plan, ids, lengths
 
 
+def _paged(plan: Plan, ids: np.ndarray, lengths: np.ndarray, params: PyTree, page_size: int,
+           num_pages: Optional[int], prompt_cache: Optional[str], tokenizer: Any) -> tuple:
+  """A request moved onto a paged cache: (plan, ids and lengths of the tokens to compute, pages for _decode).
+
+  Rows that share a prefix with the prompt cache read its full pages and copy its partial one.
+  """
+  cfg = plan.target.cfg
+  if plan.method not in ("greedy", "sample") or cfg.architecture == "encoder_decoder":
+    raise ValueError(f"the paged cache runs method='greedy' or 'sample' on decoder / prefix_lm models, not "
+                     f"method={plan.method!r} on {cfg.architecture!r}")
+  if prompt_cache is not None and plan.penalty.active:
+    raise ValueError("repetition_penalty / no_repeat_ngram_size are not supported with prompt_cache=")
+  if not isinstance(page_size, (int, np.integer)) or page_size < 1:
+    raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+  prefix = None if prompt_cache is None else prompt_cache_lib.load_prompt_cache(prompt_cache, cfg, params, tokenizer)
+  width = ids.shape[1]
+  rows = [r[width - n:].tolist() for r, n in zip(ids, lengths)]
+  p = paged_lib.plan_rows(rows, plan.max_new_tokens, page_size, num_pages, prefix.tokens if prefix else ())
+  rest = [r[s:] for r, s in zip(rows, p["start"])]
+  ids = np.full((len(rest), max(map(len, rest))), plan.pad_id, np.int32)
+  for i, r in enumerate(rest):
+    ids[i, ids.shape[1] - len(r):] = r
+  pages = {k: p[k] for k in ("table", "start", "prefix_pages", "copy_src", "copy_dst")}
+  pages["prefix_k"] = pages["prefix_v"] = None
+  if prefix is not None:
+    pad = ((0, 0), (0, len(p["prefix_pages"]) * page_size - len(prefix.tokens)), (0, 0), (0, 0))
+    pages["prefix_k"], pages["prefix_v"] = np.pad(prefix.k, pad), np.pad(prefix.v, pad)
+  target = dataclasses.replace(plan.target, page_size=page_size, num_pages=p["num_pages"],
+                               max_pages=p["table"].shape[1])
+  return dataclasses.replace(plan, target=target), ids, np.asarray(list(map(len, rest)), np.int32), pages
+
+
 def _encode(model_or_cfg: Any, prompts: Any, tokenizer: Any, options: dict) -> tuple[Any, dict, Any]:
   """(token-id prompts, options, decode: (tokens, scores) -> (texts, scores), or None). Strings are
   encoded with the tokenizer, whose eos_id / pad_id become the defaults; token ids pass through."""
@@ -244,7 +279,8 @@ def _finish(outputs: tuple, batch: int, return_scores: bool, return_stats: bool,
 
 def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
              method: str = "greedy", *, seed: int = 0, return_scores: bool = False, return_stats: bool = False,
-             tokenizer: Any = None, **options: Any) -> Any:
+             tokenizer: Any = None, cache: Optional[str] = None, page_size: int = 16,
+             num_pages: Optional[int] = None, prompt_cache: Optional[str] = None, **options: Any) -> Any:
   """Generates up to max_new_tokens per prompt: token ids [batch, max_new_tokens] (numpy), or text.
 
   prompt_tokens: a list of token-id lists (or one list), or a padded integer array (pad_id stripped);
@@ -263,12 +299,24 @@ def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_toke
   Rows end with eos_id (None: never); later slots hold pad_id. Also: cache_len, pad_multiple
   (prompt width rounding, fewer recompilations). return_scores adds per-row scores (raw log-prob
   sum; beam: length-penalised score); return_stats adds a dict (steps, speculative acceptance).
+  cache='paged' (greedy / sample on decoder and prefix-LM models) keeps the KV cache in pages of
+  page_size positions, a pool of num_pages (default: exactly what the request needs; too few raise
+  paged.PoolExhausted). prompt_cache= (a file from save_prompt_cache, implies cache='paged') continues
+  from its saved KV: rows that start with its prompt do not recompute it and share its full pages.
   """
+  if (cache or "contiguous") not in CACHES:
+    raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
+  if cache == "contiguous" and prompt_cache is not None:
+    raise ValueError("prompt_cache= needs cache='paged' (or cache=None)")
   prompt_tokens, options, decode = _encode(model_or_cfg, prompt_tokens, tokenizer, options)
   plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
+  pages = None
+  if cache == "paged" or prompt_cache is not None:
+    plan, ids, lengths, pages = _paged(plan, ids, lengths, _unbox(params), page_size, num_pages, prompt_cache,
+                                       tokenizer)
   draft_params = None if plan.draft is None else _unbox(options["draft"][1])
   out = _decode(plan, _unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(lengths),
-                jax.random.key(seed))
+                jax.random.key(seed), pages)
   return _finish(out, len(lengths), return_scores, return_stats, decode)
 
 

@@ -9,11 +9,22 @@ import jax
 import jax.numpy as jnp
 
 from t_jax.inference import cache as cache_lib
+from t_jax.inference import paged as paged_lib
 from t_jax.models import ModelConfig, build_model
 
 Array = jax.Array
 PyTree = Any
 State = dict  # {"cache": ..., "enc_mask": [batch, src] (encoder-decoder only)}
+
+
+def model_config(model_or_cfg: Any) -> ModelConfig:
+  """The ModelConfig of a config or a t_jax model; encoder-only models do not generate."""
+  cfg = model_or_cfg if isinstance(model_or_cfg, ModelConfig) else getattr(model_or_cfg, "cfg", None)
+  if not isinstance(cfg, ModelConfig):
+    raise ValueError(f"expected a ModelConfig or a t_jax model, got {type(model_or_cfg).__name__}")
+  if cfg.architecture == "encoder":
+    raise ValueError("encoder-only models do not generate; use a decoder, prefix_lm or encoder_decoder model")
+  return cfg
 
 
 def left_pad_positions(lengths: Array, width: int) -> Array:
@@ -28,12 +39,16 @@ class Runner:
 
   Decoder-only prompts are LEFT-padded (the last column is every row's last prompt token);
   encoder-decoder sources are RIGHT-padded and the decoder starts from `start_id`.
-  `slots` is the self-attention cache length (a ring buffer for sliding-window models).
+  `slots` is the self-attention cache length (a ring buffer for sliding-window models). With page_size > 0
+  the cache is paged instead (t_jax.inference.paged): a pool of num_pages pages, max_pages per row.
   """
 
   cfg: ModelConfig
   slots: int
   start_id: int = 0
+  page_size: int = 0
+  num_pages: int = 0
+  max_pages: int = 0
 
   @property
   def model(self) -> Any:
@@ -51,12 +66,26 @@ class Runner:
       return positions
     return jnp.where(positions >= 0, jnp.minimum(positions, self.cfg.max_len - 1), positions)
 
-  def prefill(self, params: PyTree, ids: Array, lengths: Array) -> tuple[Array, State, Array]:
-    """(next-token logits [batch, vocab], state, position of the next fed token [batch])."""
+  def empty_pages(self, params: PyTree, batch: int) -> PyTree:
+    """A paged cache: an all-zero page pool and unmapped page tables for `batch` rows."""
+    one = jnp.zeros((batch, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda p: self.model.apply({"params": p}, one, positions=one, mutable=["cache"])[1],
+                            params)["cache"]
+    return paged_lib.allocate(shapes, self.num_pages, self.page_size, self.max_pages, batch)
+
+  def prefill(self, params: PyTree, ids: Array, lengths: Array,
+              paged: dict | None = None) -> tuple[Array, State, Array]:
+    """(next-token logits [batch, vocab], state, position of the next fed token [batch]).
+
+    paged: {cache: a paged cache, table: page tables [batch, max_pages], start: [batch]}; the rows' first
+    `start` positions are in the pages already (a shared prefix), and ids hold the tokens after them.
+    """
     if self.seq2seq:
       return self._prefill_seq2seq(params, ids, lengths)
     model, b = self.model, ids.shape[0]
-    pos = self._clip(left_pad_positions(lengths, ids.shape[1]))
+    pos = left_pad_positions(lengths, ids.shape[1])
+    start = jnp.zeros((b,), jnp.int32) if paged is None else paged["start"].astype(jnp.int32)
+    pos = self._clip(jnp.where(pos >= 0, pos + start[:, None], -1))
     prefix = lengths if self.cfg.architecture == "prefix_lm" else None
     # Causal models cache all but the last token (their unused logits are compiled away), then feed
     # it alone: no [batch, prompt, vocab] logits. A prefix-LM prompt must be one bidirectional pass.
@@ -68,12 +97,16 @@ class Runner:
       logits, out = model.apply(variables, head, positions=head_pos, prefix_len=prefix, mutable=["cache"])
       return logits, out["cache"]
 
-    shapes = jax.eval_shape(lambda p: run(p, None)[1], params)
-    logits, cache = run(params, cache_lib.allocate(shapes, b, self.slots))
+    if paged is None:
+      shapes = jax.eval_shape(lambda p: run(p, None)[1], params)
+      cache = cache_lib.allocate(shapes, b, self.slots)
+    else:
+      cache = paged_lib.set_tables(paged["cache"], paged["table"])
+    logits, cache = run(params, cache)
     state = {"cache": cache}
     if split:
       logits, state = self.step(params, state, ids[:, -1:], pos[:, -1:])
-    return logits[:, -1], state, lengths.astype(jnp.int32)
+    return logits[:, -1], state, (start + lengths).astype(jnp.int32)
 
   def _prefill_seq2seq(self, params: PyTree, src: Array, lengths: Array) -> tuple[Array, State, Array]:
     model, b = self.model, src.shape[0]

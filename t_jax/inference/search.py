@@ -22,14 +22,15 @@ def _is_eos(tokens: Array, eos_id: Optional[int]) -> Array:
 
 def sample_loop(runner: Runner, params: PyTree, ids: Array, lengths: Array, rng: Array, *, sampler: Sampler,
                 max_new_tokens: int, eos_id: Optional[int], pad_id: int,
-                penalty: Penalty = NO_PENALTY) -> tuple[Array, Array, dict]:
+                penalty: Penalty = NO_PENALTY, paged: Optional[dict] = None) -> tuple[Array, Array, dict]:
   """Prefill, then one token per iteration until every row emitted EOS or max_new_tokens.
 
   The penalty processes the raw logits before the sampler (temperature, top-k, top-p) sees them.
+  `paged` goes to Runner.prefill (a paged cache).
   Returns (tokens [batch, max_new_tokens] padded with pad_id after EOS, sum of the raw model's
   log-probabilities of the emitted tokens [batch], stats).
   """
-  logits, state, pos = runner.prefill(params, ids, lengths)
+  logits, state, pos = runner.prefill(params, ids, lengths, paged)
   b = ids.shape[0]
   ctx, first = context(runner, ids, lengths)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)

@@ -2,6 +2,9 @@
 
 Self-attention: k, v [batch, slots, kv_heads, head_dim], the absolute position of each slot (-1 = empty)
 and a write index. Slots form a ring buffer, so a sliding-window model caches only `window` positions.
+Paged (a 'page_table' variable present): k_pages, v_pages [num_pages, page_size, kv_heads, head_dim] shared
+by all rows and page_table [batch, max_pages] (-1 = unmapped); position p of a row lives in slot p % page_size
+of its page p // page_size, so slot positions follow from the table. t_jax.inference.paged builds these.
 Cross-attention: the projected encoder keys/values, computed once. t_jax.inference.cache allocates,
 reorders (beam search) and rewinds (speculative decoding) these pytrees.
 """
@@ -23,6 +26,8 @@ def append(layer: nn.Module, k: Array, v: Array, positions: Array, default_slots
   The slot count is read from an existing cache, so callers may allocate any length. `index` is a scalar
   (lockstep) or a per-row [batch] write index, which lets speculative decoding rewind rows differently.
   """
+  if layer.has_variable("cache", "page_table"):
+    return _paged(layer, k, v, positions.astype(jnp.int32))
   b, s = k.shape[:2]
   ck = layer.variable("cache", "k", jnp.zeros, (b, default_slots) + k.shape[2:], k.dtype)
   cv = layer.variable("cache", "v", jnp.zeros, (b, default_slots) + v.shape[2:], v.dtype)
@@ -41,6 +46,30 @@ def append(layer: nn.Module, k: Array, v: Array, positions: Array, default_slots
   cpos.value = cpos.value.at[rows, where].set(positions[:, s - keep:])
   index.value = index.value + s
   return out
+
+
+def _paged(layer: nn.Module, k: Array, v: Array, positions: Array) -> tuple[Array, Array, Array]:
+  """Writes the new entries into their rows' pages, then gathers each row's pages into one contiguous view.
+
+  Writes at negative positions (padding) or into unmapped pages are dropped, so a row never touches a page
+  that is not in its table. The view's slot j holds position j (-1 where the page is unmapped); slots of
+  mapped pages not written yet lie in the future of every query, and the causal mask hides them.
+  """
+  kp, vp = layer.variable("cache", "k_pages"), layer.variable("cache", "v_pages")
+  table = layer.get_variable("cache", "page_table")
+  num_pages, size = kp.value.shape[:2]
+  b, max_pages = table.shape
+  logical = positions // size
+  ok = (positions >= 0) & (logical < max_pages)
+  page = jnp.take_along_axis(table, jnp.where(ok, logical, 0), axis=1)
+  page = jnp.where(ok & (page >= 0), page, num_pages)  # out of range: dropped
+  kp.value = kp.value.at[page, positions % size].set(k, mode="drop")
+  vp.value = vp.value.at[page, positions % size].set(v, mode="drop")
+  mapped = jnp.where(table >= 0, table, num_pages)
+  view = lambda pool: jnp.take(pool, mapped, axis=0, mode="fill", fill_value=0).reshape(
+      (b, max_pages * size) + pool.shape[2:])
+  pos = jnp.where(jnp.repeat(table >= 0, size, axis=1), jnp.arange(max_pages * size, dtype=jnp.int32), -1)
+  return view(kp.value), view(vp.value), pos
 
 
 def cross(layer: nn.Module, encoded: Optional[Array], project: Callable[[Array], tuple[Array, Array]]
