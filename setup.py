@@ -32,6 +32,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
         # Live Hugging Face parity (T_JAX_HF_LIVE=1), and from_hf on transformers model objects.
         "hf": ["torch>=2.4", "transformers>=5"],
+        # launch.compile: the TPU compiler, no TPU needed (jax 0.10.2's own jax[tpu] pin; tested 0.0.42.1).
+        "tpu-aot": ["libtpu==0.0.42.*"],
         "gpu": ["jax[cuda12]>=0.8,<0.13"],
         "tpu": ["jax[tpu]>=0.8,<0.13"],
     },

@@ -1,0 +1,367 @@
+"""Ahead-of-time plans: compile the sharded train step for a TPU topology on a machine without one.
+
+  devices = topology_devices("v5e:4x4")   # compile-only TPU devices (needs the `libtpu` package)
+  report = plan(exp, "v5e:4x4", devices)  # lower + compile the step `train` would run; nothing is allocated
+  print(format_report(report))
+
+The report (a JSON-able dict) has per-device memory (parameters, optimizer state, XLA's temporaries) against
+the chip's HBM, flops, the collectives of the optimized HLO, a predicted step time and MFU. Chip figures
+are from the public Cloud TPU documentation (HBM GiB and peak bf16 TFLOP/s per chip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from t_jax.data import Objective, PrefixLM
+from t_jax.data.objectives import pad_row
+from t_jax.models import ModelConfig, build_model, count_params
+from t_jax.sharding import Partitioner, make_mesh, mesh_shape, rules_for
+from t_jax.training.config import Experiment, TrainConfig
+from t_jax.training.optim import make_optimizer, make_schedule
+from t_jax.training.step import make_init, make_train_step
+
+GIB = 1 << 30
+LIBTPU = "libtpu==0.0.42.*"  # the version jax 0.10.2's own jax[tpu] extra pins
+
+
+class Chip(NamedTuple):
+  """Per-chip HBM (GiB) and peak dense bf16 TFLOP/s (public Cloud TPU documentation)."""
+
+  hbm_gib: float
+  tflops: float
+
+
+CHIPS = {"v4": Chip(32, 275), "v5e": Chip(16, 197), "v5p": Chip(95, 459), "v6e": Chip(32, 918)}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def chip(topology: str) -> Chip:
+  """The chip of a topology name such as 'v5e:4x4'; unknown chips are an error that lists the choices."""
+  name = topology.split(":")[0]
+  if name not in CHIPS or ":" not in topology:
+    raise ValueError(f"unknown topology {topology!r}: give <chip>:<shape>, e.g. v5e:4x4, with chip one of "
+                     f"{sorted(CHIPS)}")
+  return CHIPS[name]
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+  """libtpu logs set-up warnings (no TPU, no metadata server) straight to fd 2; keep them off the terminal."""
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """Compile-only TPU devices of a topology ('v5e:4x4', 'v5p:4x4x4', ...), on any machine with libtpu."""
+  chip(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError(f"compiling for TPU needs the libtpu package: pip install '{LIBTPU}'")
+  # libtpu locks /tmp/libtpu_lockfile, which any other JAX process with libtpu may hold; we need no TPU.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    with _quiet_fd2():
+      return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  except jax.errors.JaxRuntimeError as e:
+    raise ValueError(f"libtpu cannot describe topology {topology!r}: {str(e).splitlines()[0]}") from e
+
+
+def batch_spec(objective: Objective, batch_size: int, sharding: Any = None) -> dict[str, Any]:
+  """ShapeDtypeStructs of one global batch with the objective's keys, shapes and dtypes (no data read)."""
+  lengths = objective.lengths()
+  row = pad_row({k: np.zeros(1, np.float32 if k == "weights" else np.int32) for k in lengths}, lengths)
+  if isinstance(objective, PrefixLM):
+    row["prefix_len"] = np.int32(1)
+  return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
+          for k, v in objective.finalize(row).items()}
+
+
+def microbatches(cfg: TrainConfig, data_shards: int) -> int:
+  """Gradient-accumulation steps, with the checks of the training loop (one process)."""
+  if cfg.batch_size % data_shards:
+    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {data_shards} data "
+                     "shards (mesh data x fsdp)")
+  per_shard = cfg.batch_size // data_shards
+  micro = cfg.per_device_batch_size or per_shard
+  if per_shard % micro:
+    raise ValueError(f"TrainConfig.per_device_batch_size={micro} does not divide the {per_shard} examples "
+                     f"per data shard (batch_size={cfg.batch_size} over {data_shards} shards)")
+  return per_shard // micro
+
+
+def shard_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def model_flops(cfg: ModelConfig, params: Any, lengths: dict[str, int], batch_size: int) -> float:
+  """Matmul flops of a training step (PaLM, appendix B): 6 x weights x tokens + 12 x L x H x D x S^2 per row.
+
+  Attention counts every (query, key) pair, causal or not. Encoder weights see encoder tokens, the others the
+  decoder's (or the only stack's); the token table counts only when it is tied to the output layer.
+  """
+  dec = lengths.get("decoder_inputs", lengths.get("inputs"))
+  enc = lengths.get("encoder_inputs", 0)
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if name.endswith("kernel") or (name == "token_embedding/embedding" and cfg.tie_embeddings):
+      encoder_side = enc and (name.startswith("encoder") or re.search(r"cross_attention/(key|value)", name))
+      total += 6 * math.prod(leaf.shape) * batch_size * (enc if encoder_side else dec)
+  width = 12 * cfg.num_heads * cfg.head_dim * batch_size
+  total += width * cfg.num_layers * dec * dec
+  if enc:
+    total += width * (cfg.encoder_layers * enc * enc + cfg.num_layers * dec * enc)
+  return total
+
+
+_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_CALLS = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)")
+_OP = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+
+
+def _arrays(shapes: str) -> list[int]:
+  """Bytes of each array in an HLO result type such as 'bf16[4,128]{1,0}' or a tuple of them."""
+  out = []
+  for dtype, dims in _ARRAY.findall(shapes):
+    bits = 8 if dtype == "pred" else int(re.match(r"\D+(\d+)", dtype).group(1))
+    out.append(math.prod(int(d) for d in dims.split(",") if d) * max(bits, 8) // 8)
+  return out
+
+
+def _trip_count(line: str, computations: dict[str, list[str]]) -> tuple[str, int]:
+  """(body, trips) of a while: its known_trip_count, or N from `i < constant(N)` in its condition, else 1."""
+  body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+  known = re.search(r"\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
+  if known:
+    return body, int(known.group(1))
+  cond = computations.get(re.search(r"condition=%?([\w.\-]+)", line).group(1), [])
+  consts = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(cond)))
+  root = next((c for c in cond if "ROOT" in c and "direction=LT" in c), "")
+  limit = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\)", root)
+  return body, int(consts.get(limit.group(1), 1)) if limit else 1
+
+
+def loop_trips(hlo_computations: dict[str, list[str]]) -> dict[str, int]:
+  """How often each computation runs per step: while bodies multiply everything they call."""
+  trips = {name: 1 for name in hlo_computations}
+  for _ in range(8):  # loops nest a few levels at most
+    for name, lines in hlo_computations.items():
+      for line in lines:
+        body, n = _trip_count(line, hlo_computations) if " while(" in line else ("", 1)
+        for callee in _CALLS.findall(line):
+          if callee in trips:
+            trips[callee] = max(trips[callee], trips[name] * (n if callee == body else 1))
+  return trips
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+  """Optimized HLO text split into {computation name: its instruction lines}."""
+  out: dict[str, list[str]] = {}
+  current: list[str] = []
+  for line in hlo.splitlines():
+    m = _COMP.match(line)
+    if m:
+      current = out.setdefault(m.group(1), [])
+    else:
+      current.append(line)
+  return out
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """Collectives per step in optimized HLO text: {op: {count, bytes}} with full-size bytes per device.
+
+  Bytes are the unsharded buffer: an all-gather's result, an all-reduce's operand, and for a reduce-scatter
+  its input (TPU writes one as an all-reduce inside an `all-reduce-scatter` fusion; it counts as such).
+  An op in a while loop with a known trip count (scanned layers, microbatches) counts once per iteration.
+  TPU's async collective fusion spreads one collective over several fusions that share its channel id:
+  it counts once. A `-start` all-gather or collective-permute returns (operand, result): the largest counts.
+  """
+  comps = computations(hlo)
+  trips = loop_trips(comps)
+  seen: dict[tuple, tuple[str, int, int]] = {}
+  for name, lines in comps.items():
+    for line in lines:
+      m = _OP.match(line)
+      if not m:
+        continue
+      op = "reduce-scatter" if name.startswith("all-reduce-scatter") else m.group(3)
+      sizes = _arrays(m.group(2))
+      size = max(sizes) if m.group(4) and op != "all-reduce" else sum(sizes)
+      channel = _CHANNEL.search(line)
+      key = (op, channel.group(1) if channel else (name, m.group(1)))
+      _, n, old = seen.get(key, (op, 0, 0))
+      seen[key] = (op, max(n, trips[name]), max(old, size))
+  out: dict[str, dict[str, int]] = {}
+  for op, n, size in seen.values():
+    row = out.setdefault(op, {"count": 0, "bytes": 0})
+    row["count"] += n
+    row["bytes"] += n * size
+  return out
+
+
+class _Build:
+  """Model, optimizer, mesh, shardings and abstract inputs, built as `t_jax.training.train` builds them."""
+
+  def __init__(self, exp: Experiment, devices: Sequence[jax.Device]) -> None:
+    """Builds everything abstractly: no array is allocated."""
+    cfg = exp.train
+    mesh_shape(exp.mesh, len(devices))  # a clear error before jax.make_mesh's
+    mesh = make_mesh(exp.mesh, devices)
+    self.partitioner = Partitioner(mesh, rules_for(exp.mesh.rules), exp.mesh.indivisible)
+    self.accum = microbatches(cfg, self.partitioner.data_shards)
+    train_model, eval_model = build_model(exp.model, deterministic=False), build_model(exp.model)
+    tx, schedule = make_optimizer(exp.optimizer, cfg.num_steps), make_schedule(exp.optimizer, cfg.num_steps)
+    init = make_init(eval_model, tx, length=8)
+    self.abstract = jax.eval_shape(lambda: init(jax.random.key(cfg.seed)))
+    self.shardings = self.partitioner.shardings(self.abstract)
+    self.state = self.partitioner.abstract(self.abstract)
+    self.batch = batch_spec(exp.task.objective, cfg.batch_size, self.partitioner.batch_sharding)
+    self.step = make_train_step(train_model, tx, exp.task.objective, cfg, schedule, self.accum,
+                                self.shardings["params"])
+
+  def lower(self) -> Any:
+    """The train step lowered with loop.py's in/out shardings and donation."""
+    p = self.partitioner
+    with p.context():
+      jitted = jax.jit(self.step, in_shardings=(self.shardings, p.batch_sharding),
+                       out_shardings=(self.shardings, p.replicated), donate_argnums=0)
+      return jitted.lower(self.state, self.batch)
+
+
+def plan(exp: Experiment, topology: str, devices: Sequence[jax.Device]) -> dict:
+  """Compiles `exp`'s train step (as `t_jax.training.train` jits it) for `devices`; returns the report.
+
+  A program that does not fit in HBM (the TPU compiler's verdict, or ours) has fits=False and a reason;
+  `largest` lists the largest per-device arrays of the train state.
+  """
+  build, hw = _Build(exp, devices), chip(topology)
+  per_chip = len(devices) // len({tuple(d.coords) for d in devices})  # v4 lists each TensorCore as a device
+  lengths, params = exp.task.objective.lengths(), build.abstract["params"]
+  report = {"topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
+            "hbm_bytes": hw.hbm_gib * GIB / per_chip, "peak_flops": hw.tflops * 1e12 / per_chip,
+            "mesh": dict(build.partitioner.mesh.shape), "rules": exp.mesh.rules,
+            "parameters": count_params(params), "batch_size": exp.train.batch_size, "lengths": lengths,
+            "microbatches": build.accum,
+            "model_flops": model_flops(exp.model, params, lengths, exp.train.batch_size),
+            "memory": {"params": shard_bytes(build.state["params"]),
+                       "optimizer": shard_bytes(build.state["opt_state"]), "batch": shard_bytes(build.batch)},
+            "largest": _largest(build.state)}
+  report["roofline_seconds"] = report["model_flops"] / (report["devices"] * report["peak_flops"])
+  start = time.time()
+  try:
+    compiled = build.lower().compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    reason = str(e).strip().splitlines()[0]
+    return {**report, "fits": False, "reason": reason, "compile_seconds": time.time() - start}
+  report["compile_seconds"] = time.time() - start
+  return {**report, **_analyse(compiled, report)}
+
+
+def _largest(state: Any, n: int = 5) -> list[dict]:
+  """The n largest per-device shards of the train state."""
+  rows = [{"name": jax.tree_util.keystr(path), "shape": list(x.sharding.shard_shape(x.shape)),
+           "bytes": math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize}
+          for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+  return sorted(rows, key=lambda r: -r["bytes"])[:n]
+
+
+def _memory(compiled: Any, report: dict) -> dict:
+  """Per-device bytes: ours (params, optimizer, batch), XLA's (arguments, outputs, temps, code), peak."""
+  m = compiled.memory_analysis()
+  mem = {**report["memory"], "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+         "code": m.generated_code_size_in_bytes}
+  mem["peak"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
+  return mem
+
+
+def _step_time(cost: dict, looped: bool, peak_flops: float) -> tuple[Optional[float], str]:
+  """(seconds, source): XLA's cost-model estimate when it is usable, else flops / peak (compute only)."""
+  if looped:
+    return None, "n/a: XLA's cost analysis counts a loop body once (scan_layers, microbatches)"
+  seconds = cost.get("optimal_seconds", -1.0)
+  if math.isfinite(seconds) and seconds > 0:
+    return float(seconds), "XLA cost model (optimal_seconds)"
+  if cost.get("flops"):
+    return cost["flops"] / peak_flops, "XLA flops / peak: compute only, no memory or communication time"
+  return None, "n/a: no cost analysis"
+
+
+def _analyse(compiled: Any, report: dict) -> dict:
+  """Memory, flops, collectives, step time and MFU of a compiled step."""
+  hlo, cost = compiled.as_text(), compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list) else cost
+  looped = any(n > 1 for n in loop_trips(computations(hlo)).values())
+  mem = _memory(compiled, report)
+  seconds, source = _step_time(cost, looped, report["peak_flops"])
+  out = {"memory": mem, "fits": mem["peak"] <= report["hbm_bytes"], "reason": None, "loops": looped,
+         "flops_per_device": cost.get("flops"), "collectives": collectives(hlo), "step_seconds": seconds,
+         "step_source": source, "mfu": seconds and report["roofline_seconds"] / seconds}
+  if not out["fits"]:
+    out["reason"] = f"needs {mem['peak'] / GIB:.2f} GiB per device, has {report['hbm_bytes'] / GIB:.2f}"
+  return out
+
+
+def _size(n: float) -> str:
+  """Bytes in binary units, right-aligned: '    1.50 GiB'."""
+  for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if n >= scale:
+      return f"{n / scale:8.2f} {unit}"
+  return f"{n:8.0f} B  "
+
+
+def _memory_lines(r: dict) -> list[str]:
+  mem = r["memory"]
+  rows = [("parameters", "params"), ("optimizer state", "optimizer"), ("batch", "batch"),
+          ("activations/temporaries", "temporaries"), ("program code", "code"),
+          ("peak (arguments + outputs - donated + temporaries + code)", "peak")]
+  verdict = "FITS" if r["fits"] else f"DOES NOT FIT: {r['reason']}"
+  return (["memory per device:"] + [f"  {label:<58}{_size(mem[k])}" for label, k in rows if k in mem]
+          + [f"  {'HBM':<58}{_size(r['hbm_bytes'])}  -> {verdict}"])
+
+
+def format_report(r: dict) -> str:
+  """The report as a short text table."""
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"topology {r['topology']}: {r['devices']} x {r['device_kind']} ({r['hbm_bytes'] / GIB:.2f} GiB "
+           f"HBM, {r['peak_flops'] / 1e12:.0f} TFLOP/s bf16 each); mesh {mesh}; rules {r['rules']}",
+           f"model {r['parameters']:,} parameters; batch {r['batch_size']} x {r['lengths']}, "
+           f"{r['microbatches']} microbatch(es); compile {r['compile_seconds']:.1f} s", *_memory_lines(r)]
+  if not r["fits"]:
+    lines.append("largest per-device arrays of the train state:")
+    return "\n".join(lines + [f"  {a['name']:<58}{_size(a['bytes'])}  {a['shape']}" for a in r["largest"]])
+  xla = r["flops_per_device"]
+  lines.append(f"flops per step: model {r['model_flops']:.3e} (6 x weights x tokens + attention); XLA "
+               + (f"{xla * r['devices']:.3e} ({xla:.3e} per device)" if xla else "n/a")
+               + (", loop bodies counted once" if r["loops"] else ""))
+  lines.append("collectives per step (result bytes per device):")
+  lines += [f"  {op:<20}{c['count']:>8} ops {_size(c['bytes'])}"
+            for op, c in sorted(r["collectives"].items())]
+  lines.append(f"step time at 100% MFU {1e3 * r['roofline_seconds']:.4g} ms; predicted "
+               + (f"{1e3 * r['step_seconds']:.4g} ms ({r['step_source']}), MFU {100 * r['mfu']:.1f}%"
+                  if r["step_seconds"] else f"step time and MFU {r['step_source']}"))
+  return "\n".join(lines)
