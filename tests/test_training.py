@@ -375,7 +375,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   with ckpt.make_manager(str(tmp_path), cfg) as manager:
     for step, loss in losses.items():
       next(data_it)
-      ckpt.save(manager, step, {"x": np.full(3, step)}, data_it, {"eval_loss": loss})
+      ckpt.save(manager, step, {"x": np.full(3, step)}, data_it, {}, {"eval_loss": loss})
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 4]  # the best eval_loss and the latest
 
