@@ -96,10 +96,8 @@ def read_params(workdir: str | Path, target: Any, step: Optional[int] = None) ->
 
 
 def _checkpoint_params(directory: Path, step: Optional[int], target: Any) -> Any:
-  """Only the params of a train-state checkpoint (partial restore: the optimizer state is not read).
-
-  Without `step`, the newest step that can be read; an unreadable newer one is named on stderr.
-  """
+  """Only the params (a partial restore) of checkpoint `step`, else of the newest readable one (a newer
+  unreadable one is named on stderr)."""
   options = ocp.CheckpointManagerOptions(create=False)
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
               "config": ocp.JsonCheckpointHandler()}

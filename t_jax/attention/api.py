@@ -52,7 +52,9 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias
     from t_jax.kernels import flash_attention  # imported lazily: Pallas is optional on CPU
     return flash_attention(q, k, v, mask=mask, bias=bias, scale=scale, **(kernel_options or {}))
   if implementation == "cudnn":
-    if not _cudnn_ok(q, mask, bias):
+    # jax.nn.dot_product_attention's cuDNN path: no segment ids, prefix, positions or bias.
+    if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and bias is None
+            and not jax.tree.leaves(mask)):
       raise NotImplementedError("cuDNN attention needs a GPU, bf16/f16 inputs, and only causal "
                                 "or sliding-window masks")
     local = None if mask.window is None else (mask.window - 1, 0 if mask.causal else mask.window - 1)
@@ -68,9 +70,3 @@ def _auto(q: Array, k: Array, mask: Mask, bias: Optional[Array]) -> str:
     return "xla"
   from t_jax.kernels import supports
   return "pallas" if supports(q, k, mask, bias) else "xla"
-
-
-def _cudnn_ok(q: Array, mask: Mask, bias: Optional[Array]) -> bool:
-  """Whether jax.nn.dot_product_attention's cuDNN path covers this call (causal/window only)."""
-  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and bias is None
-          and not jax.tree.leaves(mask))  # no segment ids, prefix or positions

@@ -49,7 +49,7 @@ def from_hf(source: Any, *, overrides: Optional[dict] = None) -> tuple[nn.Module
     flat = _to_tj(family, cfg, normalize_keys(family, weights))
   params = traverse_util.unflatten_dict(flat, sep="/")
   if cfg.scan_layers:
-    params = stack_layers(params, _stacks(cfg))
+    params = stack_layers(params, [stack for stack in ("encoder", "decoder") if stack in params])
   return build_model(cfg), jax.tree_util.tree_map(jax.numpy.asarray, params)
 
 
@@ -84,7 +84,8 @@ def to_hf(model_or_cfg: nn.Module | ModelConfig, params: PyTree, out_dir: str | 
   cfg = model_or_cfg if isinstance(model_or_cfg, ModelConfig) else model_or_cfg.cfg
   family = family_for_config(cfg)
   check_exportable(family, cfg)
-  flat = _flat_params(params)
+  plain = traverse_util.flatten_dict(unstack_layers(nn.meta.unbox(params)), sep="/")
+  flat = {k: np.asarray(v) for k, v in plain.items()}
   _check_tree(flat, _abstract_flat(cfg), "params")
   weights = _to_hf(family, cfg, flat, jnp.dtype(dtype))
   fields = {**family.hf_config(cfg), **(family.token_ids if token_ids is None else token_ids), "dtype": dtype}
@@ -112,19 +113,10 @@ def _arch_fields(family: Family, cfg: ModelConfig) -> dict:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def _stacks(cfg: ModelConfig) -> tuple[str, ...]:
-  return {"encoder": ("encoder",), "encoder_decoder": ("encoder", "decoder")}.get(cfg.architecture, ("decoder",))
-
-
 def _abstract_flat(cfg: ModelConfig) -> dict:
   """Un-scanned parameter shapes/dtypes of cfg's model, '/'-joined paths."""
   shapes = nn.meta.unbox(abstract_params(build_model(cfg.replace(scan_layers=False))))
   return traverse_util.flatten_dict(shapes, sep="/")
-
-
-def _flat_params(params: PyTree) -> Flat:
-  plain = unstack_layers(nn.meta.unbox(params))
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(plain, sep="/").items()}
 
 
 def _check_tree(flat: dict, abstract: dict, what: str) -> None:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 Arrays = list[np.ndarray]
@@ -15,7 +16,7 @@ Shape = tuple[int, ...]
 # HF activation names -> t_jax names (and back: the first HF name of each t_jax name wins).
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "relu": "relu", "silu": "silu", "swish": "silu"}
-TJ_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+TJ_ACTIVATIONS = {tj: hf for hf, tj in reversed(HF_ACTIVATIONS.items())}
 
 
 class ConversionError(ValueError):
@@ -61,14 +62,9 @@ def conv1d(hf: str, tj: str, in_shape: Shape, out_shape: Shape) -> Rule:
 def fused(hf: str, tjs: Sequence[str], lead: Shape, part_shape: Shape) -> Rule:
   """One HF tensor [*lead, k * prod(part)] split along its last axis into k t_jax [*lead, *part_shape]."""
   k, n = len(tjs), math.prod(part_shape)
-
-  def split(a: Arrays) -> Arrays:
-    return [p.reshape(*lead, *part_shape) for p in np.split(a[0], k, axis=-1)]
-
-  def join(a: Arrays) -> Arrays:
-    return [np.concatenate([p.reshape(*lead, n) for p in a], axis=-1)]
-
-  return Rule((hf,), tuple(tjs), ((*lead, k * n),), split, join)
+  return Rule((hf,), tuple(tjs), ((*lead, k * n),),
+              lambda a: [p.reshape(*lead, *part_shape) for p in np.split(a[0], k, axis=-1)],
+              lambda a: [np.concatenate([p.reshape(*lead, n) for p in a], axis=-1)])
 
 
 def layer_norm(hf: str, tj: str, dim: int, bias: bool = True) -> list[Rule]:
@@ -77,33 +73,28 @@ def layer_norm(hf: str, tj: str, dim: int, bias: bool = True) -> list[Rule]:
   return rules + [copy(f"{hf}.bias", f"{tj}/bias", (dim,))] if bias else rules
 
 
-def attention_rules(hf: str, tj: str, names: Sequence[str], cfg: Any, bias: bool, kv: bool = True) -> list[Rule]:
+def dense(hf: str, tj: str, in_shape: Shape, out_shape: Shape, bias: bool) -> list[Rule]:
+  """torch Linear `{hf}.weight` (+ `.bias`) <-> DenseGeneral `{tj}/kernel` (+ `/bias` [*out_shape])."""
+  rules = [linear(f"{hf}.weight", f"{tj}/kernel", in_shape, out_shape)]
+  return rules + [reshape(f"{hf}.bias", f"{tj}/bias", (math.prod(out_shape),), out_shape)] if bias else rules
+
+
+def attention_rules(hf: str, tj: str, names: Sequence[str], cfg: Any, bias: bool) -> list[Rule]:
   """q/k/v/out torch Linear layers `{hf}.{name}` <-> t_jax query/key/value/out under `tj`."""
   d, hd = cfg.d_model, cfg.head_dim
-  heads = (cfg.num_heads, cfg.num_kv_heads if kv else cfg.num_heads, cfg.num_kv_heads if kv else cfg.num_heads)
+  heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
   rules = []
   for name, tj_name, h in zip(names[:3], ("query", "key", "value"), heads):
-    rules.append(linear(f"{hf}.{name}.weight", f"{tj}/{tj_name}/kernel", (d,), (h, hd)))
-    if bias:
-      rules.append(reshape(f"{hf}.{name}.bias", f"{tj}/{tj_name}/bias", (h * hd,), (h, hd)))
-  rules.append(linear(f"{hf}.{names[3]}.weight", f"{tj}/out/kernel", (cfg.num_heads, hd), (d,)))
-  if bias:
-    rules.append(copy(f"{hf}.{names[3]}.bias", f"{tj}/out/bias", (d,)))
-  return rules
+    rules += dense(f"{hf}.{name}", f"{tj}/{tj_name}", (d,), (h, hd), bias)
+  return rules + dense(f"{hf}.{names[3]}", f"{tj}/out", (cfg.num_heads, hd), (d,), bias)
 
 
 def mlp_rules(hf: str, tj: str, names: Sequence[str], cfg: Any, bias: bool) -> list[Rule]:
   """Feed-forward torch Linear layers <-> t_jax wi (or wi_0, wi_1) and wo; names = (wi.., wo)."""
-  tj_in = ("wi_0", "wi_1") if cfg.gated else ("wi",)
   rules = []
-  for name, tj_name in zip(names[:-1], tj_in):
-    rules.append(linear(f"{hf}.{name}.weight", f"{tj}/{tj_name}/kernel", (cfg.d_model,), (cfg.mlp_dim,)))
-    if bias:
-      rules.append(copy(f"{hf}.{name}.bias", f"{tj}/{tj_name}/bias", (cfg.mlp_dim,)))
-  rules.append(linear(f"{hf}.{names[-1]}.weight", f"{tj}/wo/kernel", (cfg.mlp_dim,), (cfg.d_model,)))
-  if bias:
-    rules.append(copy(f"{hf}.{names[-1]}.bias", f"{tj}/wo/bias", (cfg.d_model,)))
-  return rules
+  for name, tj_name in zip(names[:-1], ("wi_0", "wi_1") if cfg.gated else ("wi",)):
+    rules += dense(f"{hf}.{name}", f"{tj}/{tj_name}", (cfg.d_model,), (cfg.mlp_dim,), bias)
+  return rules + dense(f"{hf}.{names[-1]}", f"{tj}/wo", (cfg.mlp_dim,), (cfg.d_model,), bias)
 
 
 def hf_activation(name: str, field: str) -> str:
@@ -122,8 +113,6 @@ def require(hf: dict, field: str, allowed: Sequence[Any], default: Any = None) -
 
 def stack_layers(params: dict, stacks: Sequence[str]) -> dict:
   """Un-scanned 'layer_i' subtrees -> one 'layers' subtree stacked on a leading axis (scan_layers=True)."""
-  import jax
-
   out = dict(params)
   for stack in stacks:
     sub = dict(out[stack])
@@ -136,8 +125,6 @@ def stack_layers(params: dict, stacks: Sequence[str]) -> dict:
 
 def unstack_layers(params: dict) -> dict:
   """Scanned 'layers' subtrees -> 'layer_0', 'layer_1', ... (a no-op on un-scanned trees)."""
-  import jax
-
   out = dict(params)
   for stack, sub in params.items():
     if isinstance(sub, dict) and "layers" in sub:

@@ -13,7 +13,7 @@ from t_jax.models.config import RUNTIME_FIELDS, ModelConfig  # noqa: F401 - RUNT
 
 Weights = dict[str, np.ndarray]
 
-# ModelConfig fields that say how to run, not what the weights mean: never part of the export check.
+# Position-scheme fields that families without those positions leave at their defaults.
 NO_POSITION_FIELDS = frozenset({"rope_theta", "relative_buckets", "relative_max_distance"})
 
 
@@ -28,8 +28,7 @@ class Family:
   hf_config: Callable[[ModelConfig], dict]  # ModelConfig -> HF config fields
   rules: Callable[[ModelConfig], list[c.Rule]]
   prefixes: tuple[str, ...]  # canonical top-level key prefixes; the first is added to bare keys
-  head: str  # the un-embedding tensor (absent or equal to `embed` when tied)
-  embed: str
+  head: str  # the un-embedding tensor (absent or equal to the embedding when tied)
   ignored: tuple[str, ...]  # regexes of tensors HF keeps but the model does not need
   irrelevant: frozenset[str]  # ModelConfig fields this family leaves at their defaults
   token_ids: dict  # special ids written by to_hf unless given (t_jax tokenizer: pad 0, eos 1)
@@ -44,17 +43,12 @@ def tied(hf: dict, weights: Weights, head: str, embed: str) -> bool:
   return head not in weights or np.array_equal(weights[head], weights[embed])
 
 
-def _prefix(weights: Weights, prefixes: tuple[str, ...]) -> Weights:
-  """Adds the base-model prefix to keys saved from a bare base model (e.g. GPT2Model, BertModel)."""
-  return {k if k.startswith(prefixes) else f"{prefixes[0]}{k}": v for k, v in weights.items()}
-
-
 def normalize_keys(family: Family, weights: Weights) -> Weights:
   """Canonical tensor names: base-model prefix, LayerNorm gamma/beta -> weight/bias, BERT bias alias."""
   out = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
          for k, v in weights.items()}
-  if family.prefixes:
-    out = _prefix(out, family.prefixes)
+  if family.prefixes:  # keys saved from a bare base model (e.g. GPT2Model, BertModel) get its prefix
+    out = {k if k.startswith(family.prefixes) else f"{family.prefixes[0]}{k}": v for k, v in out.items()}
   if family.model_type == "bert" and "cls.predictions.decoder.bias" in out:  # the bias forward() adds
     out["cls.predictions.bias"] = out.pop("cls.predictions.decoder.bias")
   return out
@@ -107,17 +101,15 @@ def _gpt2_rules(cfg: ModelConfig) -> list[c.Rule]:
   return rules + _untied_head(cfg, "lm_head.weight")
 
 
-def _untied_head(cfg: ModelConfig, name: str) -> list[c.Rule]:
-  if cfg.tie_embeddings:
-    return []
-  return [c.linear(name, "head/logits/kernel", (cfg.d_model,), (cfg.vocab_size,))]
+def _untied_head(cfg: ModelConfig, hf: str) -> list[c.Rule]:
+  return [] if cfg.tie_embeddings else [c.linear(hf, "head/logits/kernel", (cfg.d_model,), (cfg.vocab_size,))]
 
 
 GPT2 = Family(
     model_type="gpt2", hf_class="GPT2LMHeadModel",
     matches=lambda cfg: cfg.architecture == "decoder" and cfg.position == "learned",
     model_config=_gpt2_config, hf_config=_gpt2_hf, rules=_gpt2_rules, prefixes=("transformer.", "lm_head."),
-    head="lm_head.weight", embed="transformer.wte.weight", ignored=(r"\.attn\.(masked_)?bias$",),
+    head="lm_head.weight", ignored=(r"\.attn\.(masked_)?bias$",),
     irrelevant=NO_POSITION_FIELDS | {"mlm_transform", "num_encoder_layers"},
     token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("GPT2Model",))
 
@@ -165,8 +157,7 @@ def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
     rules += c.mlp_rules(hf, f"{tj}/mlp", ("intermediate.dense", "output.dense"), cfg, bias=True)
     rules += c.layer_norm(f"{hf}.output.LayerNorm", f"{tj}/mlp_norm", d)
   t = "cls.predictions.transform"
-  rules += [c.linear(f"{t}.dense.weight", "mlm_dense/kernel", (d,), (d,)),
-            c.copy(f"{t}.dense.bias", "mlm_dense/bias", (d,))]
+  rules += c.dense(f"{t}.dense", "mlm_dense", (d,), (d,), bias=True)
   rules += c.layer_norm(f"{t}.LayerNorm", "mlm_norm", d)
   bias = "head/bias" if cfg.tie_embeddings else "head/logits/bias"
   return rules + _untied_head(cfg, "cls.predictions.decoder.weight") + [c.copy("cls.predictions.bias", bias, (v,))]
@@ -175,7 +166,7 @@ def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
 BERT = Family(
     model_type="bert", hf_class="BertForMaskedLM", matches=lambda cfg: cfg.architecture == "encoder",
     model_config=_bert_config, hf_config=_bert_hf, rules=_bert_rules, prefixes=("bert.", "cls."),
-    head="cls.predictions.decoder.weight", embed="bert.embeddings.word_embeddings.weight",
+    head="cls.predictions.decoder.weight",
     ignored=(r"position_ids$", r"^bert\.pooler\.", r"^cls\.seq_relationship\."),
     irrelevant=NO_POSITION_FIELDS | {"num_encoder_layers"}, token_ids=dict(pad_token_id=0),
     # Untied (transformers 5): decoder.bias is its own parameter, and the one forward() uses.
@@ -249,7 +240,6 @@ T5 = Family(
     model_type="t5", hf_class="T5ForConditionalGeneration",
     matches=lambda cfg: cfg.architecture == "encoder_decoder" and cfg.position == "t5_relative",
     model_config=_t5_config, hf_config=_t5_hf, rules=_t5_rules, prefixes=(), head="lm_head.weight",
-    embed="shared.weight",
     ignored=(r"EncDecAttention\.relative_attention_bias\.weight$", r"^(encoder|decoder)\.embed_tokens\.weight$"),
     irrelevant=frozenset({"rope_theta", "max_len", "mlm_transform"}),
     token_ids=dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), also_reads=("T5Model",))
@@ -311,7 +301,7 @@ LLAMA = Family(
     model_type="llama", hf_class="LlamaForCausalLM",
     matches=lambda cfg: cfg.architecture == "decoder" and cfg.position == "rope",
     model_config=_llama_config, hf_config=_llama_hf, rules=_llama_rules, prefixes=("model.", "lm_head."),
-    head="lm_head.weight", embed="model.embed_tokens.weight", ignored=(r"rotary_emb\.inv_freq$",),
+    head="lm_head.weight", ignored=(r"rotary_emb\.inv_freq$",),
     irrelevant=frozenset({"relative_buckets", "relative_max_distance", "mlm_transform", "num_encoder_layers"}),
     token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("LlamaModel",))
 

@@ -26,10 +26,7 @@ def read_source(source: Any) -> tuple[dict, Weights]:
 
 
 def read_dir(path: Path) -> tuple[dict, Weights]:
-  """config.json plus every *.safetensors file (else pytorch_model*.bin) of a checkpoint directory.
-
-  Unreadable files raise a ConversionError naming the file.
-  """
+  """config.json plus every *.safetensors file (else pytorch_model*.bin); a bad file's error names it."""
   config_file = path / "config.json"
   if not config_file.is_file():
     raise ConversionError(f"{path} has no config.json")
@@ -86,12 +83,9 @@ def _torch_to_numpy(t: Any) -> np.ndarray:
 def hf_config_dict(model_type: str, hf_class: str, fields: dict) -> dict:
   """Full config.json content: transformers' defaults for `model_type` (when installed) under `fields`."""
   base: dict = {}
-  try:
+  with contextlib.suppress(ImportError):
     from transformers import AutoConfig
-
     base = AutoConfig.for_model(model_type, **fields).to_dict()
-  except ImportError:
-    pass
   return {**base, **fields, "model_type": model_type, "architectures": [hf_class]}
 
 

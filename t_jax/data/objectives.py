@@ -8,6 +8,7 @@ packs (grain's FirstFitPackIterDataset) or pads to `lengths()`; `finalize` renam
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import ClassVar
 
 import numpy as np
@@ -33,8 +34,7 @@ def pad_row(row: Row, lengths: dict[str, int]) -> Row:
   out = {k: v for k, v in row.items() if k not in lengths}
   for k, length in lengths.items():
     v, idx = row[k], np.arange(length, dtype=np.int32)
-    out[k] = np.zeros(length, v.dtype)
-    out[k][:len(v)] = v
+    out[k] = np.pad(v, (0, length - len(v)))
     out[f"{k}_segment_ids"] = (idx < len(v)).astype(np.int32)
     out[f"{k}_positions"] = np.where(idx < len(v), idx, 0).astype(np.int32)
   return out
@@ -67,12 +67,10 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
 def span_corruption_raw_length(inputs_len: int, targets_len: int, noise_density: float,
                                mean_noise_span_length: float) -> int:
   """Longest raw token count whose corrupted encoder/decoder sequences (with eos) fit the lengths."""
-  n = 0
-  while True:
-    noise, spans = span_counts(n + 1, noise_density, mean_noise_span_length)
-    if (n + 1) - noise + spans + 1 > inputs_len or noise + spans + 1 > targets_len:
-      return n
-    n += 1
+  for n in itertools.count(1):
+    noise, spans = span_counts(n, noise_density, mean_noise_span_length)
+    if n - noise + spans + 1 > inputs_len or noise + spans + 1 > targets_len:
+      return n - 1
 
 
 def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -277,16 +275,10 @@ class _EncoderDecoder(Objective):
   def finalize(self, row: Row) -> Row:
     """encoder_*/decoder_* keys and weights = 1 on real decoder tokens."""
     seg = row["decoder_targets_segment_ids"]
-    return {
-        "encoder_inputs": row["encoder_inputs"],
-        "encoder_segment_ids": row["encoder_inputs_segment_ids"],
-        "encoder_positions": row["encoder_inputs_positions"],
-        "decoder_inputs": row["decoder_inputs"],
-        "decoder_targets": row["decoder_targets"],
-        "decoder_segment_ids": seg,
-        "decoder_positions": row["decoder_targets_positions"],
-        "weights": (seg > 0).astype(np.float32),
-    }
+    return dict(encoder_inputs=row["encoder_inputs"], encoder_segment_ids=row["encoder_inputs_segment_ids"],
+                encoder_positions=row["encoder_inputs_positions"], decoder_inputs=row["decoder_inputs"],
+                decoder_targets=row["decoder_targets"], decoder_segment_ids=seg,
+                decoder_positions=row["decoder_targets_positions"], weights=(seg > 0).astype(np.float32))
 
 
 @dataclasses.dataclass

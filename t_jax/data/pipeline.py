@@ -24,17 +24,8 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 def _stack(rows: Sequence[Row], batch_size: int) -> Row:
   """Stacks rows into a batch, padding a short final batch with all-zero rows (weights 0)."""
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   missing = batch_size - len(rows)
-  if missing:
-    batch = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-  return batch
-
-
-def _preprocess(example: dict, rng: np.random.Generator, objective: Objective, tokenizer: Tokenizer
-                ) -> list[Row]:
-  """Objective rows of one example (grain's random_map seeds rng from the seed and element index)."""
-  return objective.examples(example, rng, tokenizer)
+  return {k: np.stack([r[k] for r in rows] + [np.zeros_like(rows[0][k])] * missing) for k in rows[0]}
 
 
 def make_dataset(source: Sequence, tokenizer: Tokenizer, objective: Objective, *, batch_size: int,
@@ -55,7 +46,8 @@ def make_dataset(source: Sequence, tokenizer: Tokenizer, objective: Objective, *
     raise ValueError(f"{getattr(source, 'name', source)!r}: shard {shard_index}/{shard_count} is empty")
   if train:
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = ds.random_map(functools.partial(_preprocess, objective=objective, tokenizer=tokenizer), seed=seed)
+  # Objective rows of each example; random_map seeds its rng from (seed, element index).
+  ds = ds.random_map(functools.partial(objective.examples, tokenizer=tokenizer), seed=seed)
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), _Flatten())
   if objective.pack:
@@ -70,8 +62,5 @@ def make_dataset(source: Sequence, tokenizer: Tokenizer, objective: Objective, *
 
 def make_iterator(source: Sequence, tokenizer: Tokenizer, objective: Objective, *, batch_size: int,
                   **kwargs: object) -> grain.DatasetIterator:
-  """Checkpointable batch iterator: `next(it)`, `it.get_state()` (JSON-able dict), `it.set_state(s)`.
-
-  Keyword arguments are those of `make_dataset`.
-  """
+  """`make_dataset`'s checkpointable iterator: `next(it)`, `it.get_state()` (JSON-able), `it.set_state(s)`."""
   return iter(make_dataset(source, tokenizer, objective, batch_size=batch_size, **kwargs))

@@ -85,12 +85,6 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _documents(path: str, per_line: bool) -> list[bytes]:
-  """A whole file's documents, read into memory: its lines (bytes.splitlines) or the file itself."""
-  data = _read_bytes(path)
-  return data.splitlines() if per_line else [data]
-
-
 def _expand(patterns: str | Sequence[str], name: str) -> list[str]:
   """Sorted files matching glob patterns; ValueError naming the patterns when nothing matches."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -152,12 +146,8 @@ class _Handles(dict):
 
 
 class _FileLines:
-  """Lines of uncompressed files as examples, read from disk on demand through a byte-offset index.
-
-  Holds 17 bytes per line (offsets and a counted flag), never the text. Each thread reads through its own
-  file handles. A line that turns out undecodable or whitespace-only gives None; skips and truncations
-  are counted once per line, when first read.
-  """
+  """Lines of uncompressed files read on demand through a byte-offset index (see TextFileSource), each
+  thread through its own file handles."""
 
   def __init__(self, files: list[str], key: str, max_chars: int | None, counts: Counts) -> None:
     self.files, self.key, self.max_chars, self.counts = files, key, max_chars, counts
@@ -179,12 +169,9 @@ class _FileLines:
     return len(self._starts)
 
   def _read(self, index: int) -> tuple[bytes, bool]:
-    """Line `index`'s bytes, read through this thread's handle, and whether they were cut at max_chars.
-
-    At most 4 * max_chars + 4 bytes are read: enough for max_chars + 1 characters of UTF-8.
-    """
+    """Line `index`'s bytes, read through this thread's handle, and whether they were cut at max_chars."""
     size = int(self._ends[index] - self._starts[index])
-    limit = size if self.max_chars is None else min(size, 4 * self.max_chars + 4)
+    limit = size if self.max_chars is None else min(size, 4 * self.max_chars + 4)  # max_chars + 1 of UTF-8
     file = int(np.searchsorted(self._file_ends, index, side="right"))
     handles = vars(self._local).setdefault("handles", _Handles())
     if file not in handles:
@@ -259,7 +246,8 @@ class TextFileSource(InMemorySource):
     if per_line and not any(path.endswith(".gz") for path in files):
       examples = _FileLines(files, key, max_chars, counts)
     else:
-      examples = [{key: text} for path in files for raw in _documents(path, per_line)
+      read = lambda path: _read_bytes(path).splitlines() if per_line else [_read_bytes(path)]
+      examples = [{key: text} for path in files for raw in read(path)
                   if (text := _decode(raw, counts, max_chars)) is not None]
     super().__init__(examples, name, counts)
 
@@ -317,14 +305,8 @@ class PydocSource(InMemorySource):
       for raw in (topics[name].split("\n\n") if unit == "paragraph" else [topics[name]]):
         text = _decode(raw, counts, None)
         if text is not None and (zlib.crc32(text.encode()) % validation_every == 0) == (split == "validation"):
-          if max_chars is not None and len(text) > max_chars:
-            counts.add("truncated")
-          examples.append({key: text[:max_chars]})
+          examples.append({key: _decode(text, counts, max_chars)})  # split by the whole text, then truncated
     super().__init__(examples, f"PydocSource({split!r}, unit={unit!r})", counts)
-
-
-# TFDS registers most text datasets lazily; importing these modules registers them without TensorFlow.
-_TFDS_TEXT_MODULES = ("text", "translate", "summarization", "question_answering")
 
 
 def _tfds_data_source(name: str, split: str, data_dir: str | None) -> object:
@@ -333,8 +315,8 @@ def _tfds_data_source(name: str, split: str, data_dir: str | None) -> object:
 
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    for module in _TFDS_TEXT_MODULES:
+  except tfds.core.registered.DatasetNotFoundError:  # importing these registers them, without TensorFlow
+    for module in ("text", "translate", "summarization", "question_answering"):
       importlib.import_module(f"tensorflow_datasets.{module}")
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
@@ -350,15 +332,13 @@ class TfdsSource:
   def __init__(self, name: str, split: str = "train", *, keys: str | Sequence[str] | Mapping[str, str] = "text",
                data_dir: str | None = None, max_chars: int | None = MAX_CHARS) -> None:
     self.name = f"TfdsSource({name!r}, split={split!r})"
-    if isinstance(keys, str):
-      keys = {keys: keys}
+    keys = [keys] if isinstance(keys, str) else keys
     self.keys = dict(keys) if isinstance(keys, Mapping) else {k: k for k in keys}
     self.max_chars = max_chars
     self._source = _tfds_data_source(name, split, data_dir)
     if len(self._source) == 0:
       raise ValueError(f"{self.name}: no documents")
-    self._skipped: dict[str, set[int]] = {"empty": set(), "undecodable": set()}
-    self._truncated: set[int] = set()
+    self._seen: dict[str, set[int]] = {"empty": set(), "undecodable": set(), "truncated": set()}  # indices
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -372,16 +352,14 @@ class TfdsSource:
       out[out_key] = text
     with self._lock:
       for reason in counts.as_dict():
-        (self._truncated if reason == "truncated" else self._skipped[reason]).add(index)
+        self._seen[reason].add(index)
     return out if len(out) == len(self.keys) else None
 
   @property
   def stats(self) -> dict[str, int]:
     """Records seen so far that were skipped (empty/undecodable) or truncated; `documents` = records."""
     with self._lock:
-      out = {k: len(v) for k, v in self._skipped.items() if v}
-      if self._truncated:
-        out["truncated"] = len(self._truncated)
+      out = {k: len(v) for k, v in self._seen.items() if v}
     return {"documents": len(self), **out}
 
   def __repr__(self) -> str:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
+import grain
 import jax
 import numpy as np
 
 from t_jax.data.objectives import CausalLM, Objective, PrefixLM
-from t_jax.data.pipeline import make_iterator
+from t_jax.data.pipeline import make_dataset
 from t_jax.data.tokenizer import Tokenizer, VocabularyTooSmall
 
 Batch = dict[str, Any]
@@ -93,12 +95,8 @@ def _train_tokenizer(task: TaskConfig, model_vocab: int, path: str) -> Tokenizer
 
 
 def check_sources(task: TaskConfig) -> None:
-  """Prints one line of counts per source and refuses one whose records are mostly unusable.
-
-  Reads an evenly spaced sample of SAMPLE_RECORDS records (lazily read sources count their skips as they are
-  read); the unusable fraction is that of None records in the sample, with the undecodable records that
-  were dropped at load time added. Above TaskConfig.max_bad_fraction it is a ValueError naming the source.
-  """
+  """Prints one line of counts per source; ValueError when the fraction of None records in an evenly spaced
+  sample (plus those dropped at load time) is above TaskConfig.max_bad_fraction."""
   for role, source in (("train", task.train_source), ("eval", task.eval_source)):
     if source is None:
       continue
@@ -128,47 +126,21 @@ def _check_same_on_all_processes(tok: Tokenizer) -> None:
                      "the same TaskConfig.tokenizer file (or the same training data)")
 
 
-class ProcessSlice:
-  """This process's rows of a global batch stream: the stream, and so the batches of every step, do not
-  depend on how many processes read it (each process runs the same global pipeline and keeps its slice).
-
-  Checkpointable like the grain iterator it wraps (`get_state` / `set_state`, the same on every process).
-  """
-
-  def __init__(self, it: Iterator[Batch], index: int, count: int) -> None:
-    """Wraps a global batch iterator; keeps rows [index * n / count, (index + 1) * n / count)."""
-    self._it, self._index, self._count = it, index, count
-
-  def __iter__(self) -> ProcessSlice:
-    """The iterator itself."""
-    return self
-
-  def __next__(self) -> Batch:
-    """The next global batch's rows for this process."""
-    batch = next(self._it)
-    n = next(iter(batch.values())).shape[0] // self._count
-    return {k: v[self._index * n:(self._index + 1) * n] for k, v in batch.items()}
-
-  def get_state(self) -> dict:
-    """The wrapped iterator's position."""
-    return self._it.get_state()
-
-  def set_state(self, state: dict) -> None:
-    """Moves to a saved position."""
-    self._it.set_state(state)
-
-
 def _sliced(task: TaskConfig, tok: Tokenizer, source: Sequence, batch_size: int, train: bool,
-            seed: int) -> ProcessSlice:
-  if batch_size % jax.process_count():
-    raise ValueError(f"batch size {batch_size} is not divisible by the {jax.process_count()} processes")
-  it = make_iterator(source, tok, task.objective, batch_size=batch_size, train=train, seed=seed,
-                     packing_bins=task.packing_bins, num_threads=task.data_threads,
-                     prefetch_buffer_size=task.prefetch)
-  return ProcessSlice(it, jax.process_index(), jax.process_count())
+            seed: int) -> grain.DatasetIterator:
+  """This process's rows of a global batch stream (checkpointable, the same state on every process): every
+  process runs the whole pipeline, so the batches of every step do not depend on the process count."""
+  index, count = jax.process_index(), jax.process_count()
+  if batch_size % count:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {count} processes")
+  ds = make_dataset(source, tok, task.objective, batch_size=batch_size, train=train, seed=seed,
+                    packing_bins=task.packing_bins, num_threads=task.data_threads,
+                    prefetch_buffer_size=task.prefetch)
+  n = batch_size // count
+  return iter(ds.map(lambda batch: {k: v[index * n:(index + 1) * n] for k, v in batch.items()}))
 
 
-def train_iterator(task: TaskConfig, tok: Tokenizer, batch_size: int, seed: int) -> ProcessSlice:
+def train_iterator(task: TaskConfig, tok: Tokenizer, batch_size: int, seed: int) -> grain.DatasetIterator:
   """Shuffled, repeating, checkpointable iterator over this process's rows of global batches of batch_size."""
   return _sliced(task, tok, task.train_source, batch_size, True, seed)
 
@@ -179,10 +151,7 @@ def ordered_batches(task: TaskConfig, tok: Tokenizer, source: Sequence, batch_si
 
   Every process reads the same global pass, so all run the same number of (collective) eval steps.
   """
-  for n, batch in enumerate(_sliced(task, tok, source, batch_size, False, 0)):
-    if limit is not None and n >= limit:
-      return
-    yield batch
+  return itertools.islice(_sliced(task, tok, source, batch_size, False, 0), limit)
 
 
 def count_tokens(batch: Batch) -> int:

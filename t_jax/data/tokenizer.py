@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import tempfile
@@ -40,18 +41,9 @@ def _pieces(line: str, max_chars: int) -> Iterator[str]:
 def _training_sentences(source: Sequence, max_sentences: int, max_chars: int) -> Iterator[str]:
   """Up to max_sentences non-empty lines (long ones cut in max_chars pieces) from a strided sample."""
   stride = max(1, len(source) // max_sentences)
-  emitted = 0
-  for i in range(0, len(source), stride):
-    example = source[i]
-    for text in (example or {}).values():
-      for line in text.splitlines():
-        for piece in _pieces(line, max_chars) if line.strip() else ():
-          if emitted >= max_sentences:
-            return
-          emitted += 1
-          yield piece
-    if emitted >= max_sentences:
-      return
+  pieces = (piece for i in range(0, len(source), stride) for text in (source[i] or {}).values()
+            for line in text.splitlines() if line.strip() for piece in _pieces(line, max_chars))
+  return itertools.islice(pieces, max_sentences)
 
 
 class Tokenizer:
@@ -61,13 +53,17 @@ class Tokenizer:
   then SentencePiece pieces, then `num_extra_ids` sentinels: sentinel(i) = vocab_size - 1 - i.
   """
 
+  pad_id = PAD_ID  # also the decoder start token for encoder-decoder models
+  eos_id = bos_id = EOS_ID  # eos is also the bos of decoder-only models
+  unk_id = UNK_ID
+
   def __init__(self, model: str | bytes, num_extra_ids: int = 0) -> None:
     """Loads a model from a path (str) or serialized proto (bytes)."""
     if isinstance(model, str):
       with open(model, "rb") as f:
         model = f.read()
-    self._proto = model
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self.model_proto = model  # the serialized SentencePiece model (what a model file holds)
+    self._sp = spm.SentencePieceProcessor(model_proto=model)
     if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
       raise ValueError(f"SentencePiece model must use pad=0, eos=1, unk=2; got pad={self._sp.pad_id()}, "
                        f"eos={self._sp.eos_id()}, unk={self._sp.unk_id()}")
@@ -121,34 +117,9 @@ class Tokenizer:
     return cls(buf.getvalue(), num_extra_ids)
 
   @property
-  def model_proto(self) -> bytes:
-    """The serialized SentencePiece model (what `path` holds)."""
-    return self._proto
-
-  @property
   def vocab_size(self) -> int:
     """SentencePiece pieces plus extra (sentinel) ids: the embedding table size."""
     return self.sp_vocab_size + self.num_extra_ids
-
-  @property
-  def pad_id(self) -> int:
-    """Padding id (0); also the decoder start token for encoder-decoder models."""
-    return PAD_ID
-
-  @property
-  def eos_id(self) -> int:
-    """End-of-sequence id (1)."""
-    return EOS_ID
-
-  @property
-  def bos_id(self) -> int:
-    """Beginning-of-sequence id for decoder-only models: the eos id."""
-    return EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    """Unknown-piece id (2)."""
-    return UNK_ID
 
   @property
   def mask_id(self) -> int:
@@ -168,10 +139,7 @@ class Tokenizer:
     return self._sp.encode(text, out_type=int)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """Text of ids, stopping at the first eos and skipping pad; sentinels render as '<extra_id_i>'.
-
-    Ids outside [0, vocab_size) are dropped.
-    """
+    """Text of ids up to the first eos, pad and out-of-vocabulary ids dropped; sentinels as '<extra_id_i>'."""
     pieces, run = [], []
     for t in (int(t) for t in ids):
       if t == EOS_ID:
@@ -186,7 +154,7 @@ class Tokenizer:
     return "".join(pieces + [self._sp.decode(run)])
 
   def __getstate__(self) -> dict:
-    return {"model": self._proto, "num_extra_ids": self.num_extra_ids}
+    return {"model": self.model_proto, "num_extra_ids": self.num_extra_ids}
 
   def __setstate__(self, state: dict) -> None:
     self.__init__(state["model"], state["num_extra_ids"])

@@ -15,7 +15,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t_jax.inference import paged as paged_lib
 from t_jax.inference import prompt_cache as prompt_cache_lib
-from t_jax.inference import text
 from t_jax.inference.penalties import NO_PENALTY, Penalty
 from t_jax.inference.runner import Runner
 from t_jax.inference.runner import model_config as _config
@@ -68,6 +67,12 @@ def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, le
   return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty, **common)
 
 
+def _is_text(prompts: Any) -> bool:
+  """Whether prompts are a string or a non-empty sequence of strings."""
+  return isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                      and all(isinstance(p, str) for p in prompts))
+
+
 def _rows(prompt_tokens: Any, pad_id: int) -> list[list[int]]:
   """Prompts as lists of ints. Arrays are padded with pad_id on either side (pad_id never inside)."""
   if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
@@ -83,7 +88,7 @@ def _rows(prompt_tokens: Any, pad_id: int) -> list[list[int]]:
         raise ValueError(f"pad_id={pad_id} inside a prompt row; pass prompts as lists of token ids instead")
       rows.append(r[real].tolist())
     return rows
-  if text.is_text(prompt_tokens):
+  if _is_text(prompt_tokens):
     raise ValueError("string prompts need tokenizer= (a t_jax.data.Tokenizer); or pass token ids")
   if not isinstance(prompt_tokens, Sequence):
     raise ValueError(f"prompt_tokens must be token ids (list of lists or an array), got {type(prompt_tokens)}")
@@ -203,11 +208,9 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
     _check_context(dcfg, rows, max_new_tokens, "draft")
     draft_runner = Runner(dcfg, _slots(dcfg, fed, extra, None), decoder_start_id)
   ids = np.full((len(rows), width), pad_id, np.int32)
-  for i, r in enumerate(rows):
-    if seq2seq:
-      ids[i, :len(r)] = r
-    else:
-      ids[i, width - len(r):] = r
+  for i, r in enumerate(rows):  # encoder-decoder sources are right-padded, other prompts left-padded
+    start = 0 if seq2seq else width - len(r)
+    ids[i, start:start + len(r)] = r
   lengths = np.asarray([len(r) for r in rows], np.int32)
   plan = Plan(method, target, draft_runner, sampler, int(max_new_tokens), num_beams,
               0.6 if length_penalty is None else float(length_penalty), int(num_draft_tokens), eos_id, pad_id, penalty)
@@ -252,14 +255,18 @@ def _encode(model_or_cfg: Any, prompts: Any, tokenizer: Any, options: dict) -> t
   if tokenizer is None:
     return prompts, options, None
   options = {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, **options}
-  if not text.is_text(prompts):
+  if not _is_text(prompts):
     return prompts, options, None
-  seq2seq = _config(model_or_cfg).architecture == "encoder_decoder"
   single = isinstance(prompts, str)
-  rows = [text.encode_prompt(tokenizer, p, seq2seq) for p in ([prompts] if single else prompts)]
+  texts = [prompts] if single else prompts
+  # Encoder-decoder sources end with EOS (as in training); other prompts start with BOS (= EOS in t_jax).
+  seq2seq = _config(model_or_cfg).architecture == "encoder_decoder"
+  bos, eos = ([], [tokenizer.eos_id]) if seq2seq else ([getattr(tokenizer, "bos_id", tokenizer.eos_id)], [])
+  rows = [bos + list(tokenizer.encode(t)) + eos for t in texts]
 
   def decode(tokens: np.ndarray, scores: np.ndarray) -> tuple[Any, Any]:
-    outs = [text.detokenize(tokenizer, row, options["eos_id"]) for row in tokens]
+    eos, ids = options["eos_id"], [row.tolist() for row in tokens]
+    outs = [tokenizer.decode(r[:r.index(eos)] if eos in r else r) for r in ids]  # up to the first eos
     return (outs[0], float(scores[0])) if single else (outs, scores)
 
   return rows, options, decode
@@ -310,13 +317,13 @@ def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_toke
     raise ValueError("prompt_cache= needs cache='paged' (or cache=None)")
   prompt_tokens, options, decode = _encode(model_or_cfg, prompt_tokens, tokenizer, options)
   plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
-  pages = None
+  params, pages = nn.meta.unbox(params), None
   if cache == "paged" or prompt_cache is not None:
-    plan, ids, lengths, pages = _paged(plan, ids, lengths, _unbox(params), page_size, num_pages, prompt_cache,
+    plan, ids, lengths, pages = _paged(plan, ids, lengths, params, page_size, num_pages, prompt_cache,
                                        tokenizer)
-  draft_params = None if plan.draft is None else _unbox(options["draft"][1])
-  out = _decode(plan, _unbox(params), draft_params, jnp.asarray(ids), jnp.asarray(lengths),
-                jax.random.key(seed), pages)
+  draft_params = None if plan.draft is None else nn.meta.unbox(options["draft"][1])
+  out = _decode(plan, params, draft_params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+                pages)
   return _finish(out, len(lengths), return_scores, return_stats, decode)
 
 
@@ -338,16 +345,12 @@ def generate_sharded(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_
   as_sharding = lambda s: NamedSharding(mesh, s) if isinstance(s, PartitionSpec) else s
   shardings = jax.tree_util.tree_map(as_sharding, param_shardings,
                                      is_leaf=lambda x: isinstance(x, PartitionSpec))
-  params = jax.device_put(_unbox(params), shardings)
+  params = jax.device_put(nn.meta.unbox(params), shardings)
   rows = NamedSharding(mesh, PartitionSpec(batch_axis))
   draft_params = None
-  if plan.draft is not None:
-    draft_params = jax.device_put(_unbox(options["draft"][1]), NamedSharding(mesh, PartitionSpec()))
+  if plan.draft is not None:  # replicated
+    draft_params = jax.device_put(nn.meta.unbox(options["draft"][1]), NamedSharding(mesh, PartitionSpec()))
   with jax.set_mesh(mesh):
     out = _decode(plan, params, draft_params, jax.device_put(ids, rows), jax.device_put(lengths, rows),
                   jax.random.key(seed))
   return _finish(out, batch, return_scores, return_stats, decode)
-
-
-def _unbox(params: PyTree) -> PyTree:
-  return nn.meta.unbox(params)

@@ -36,27 +36,19 @@ def allocate(shapes: PyTree, batch: int, slots: int) -> PyTree:
   return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def _on_batch(fn: Any, cache: PyTree) -> PyTree:
-  return jax.tree_util.tree_map_with_path(lambda p, x: fn(x, BATCH_AXIS[_name(p)] % x.ndim), cache)
-
-
 def repeat(cache: PyTree, n: int) -> PyTree:
   """Each row repeated n times in a row ([b0, b0, b1, b1, ...]): one prefill shared by n beams."""
-  return _on_batch(lambda x, ax: jnp.repeat(x, n, axis=ax), cache)
+  rep = lambda path, x: jnp.repeat(x, n, axis=BATCH_AXIS[_name(path)] % x.ndim)
+  return jax.tree_util.tree_map_with_path(rep, cache)
 
 
-def gather(cache: PyTree, rows: jax.Array, same_source: bool = True) -> PyTree:
-  """Rows picked (and reordered) by flat batch indices: beam-search parents.
-
-  With same_source (each row's parent comes from the same example), the cross-attention k/v are
-  identical along the way and are not copied.
-  """
+def gather(cache: PyTree, rows: jax.Array) -> PyTree:
+  """Rows picked (and reordered) by flat batch indices: beam-search parents. A parent comes from the same
+  example, so the cross-attention k/v (identical along the way) are not copied."""
 
   def take(path: tuple, x: jax.Array) -> jax.Array:
     name = _name(path)
-    if same_source and name in ("cross_k", "cross_v"):
-      return x
-    return jnp.take(x, rows, axis=BATCH_AXIS[name] % x.ndim)
+    return x if name in ("cross_k", "cross_v") else jnp.take(x, rows, axis=BATCH_AXIS[name] % x.ndim)
 
   return jax.tree_util.tree_map_with_path(take, cache)
 

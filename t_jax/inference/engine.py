@@ -170,10 +170,7 @@ class Engine:
       self.finished[r.id] = np.asarray(r.out, np.int32)
 
   def step(self) -> int:
-    """Admits waiting requests into free slots, then one decode step for every running request.
-
-    Returns the number of requests that stepped (0: nothing is running).
-    """
+    """Admits waiting requests into free slots, then a decode step of each running one; returns how many."""
     self._admit()
     running = [i for i, r in enumerate(self.slots) if r is not None]
     if not running:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +69,19 @@ class Runner:
   def empty_pages(self, params: PyTree, batch: int) -> PyTree:
     """A paged cache: an all-zero page pool and unmapped page tables for `batch` rows."""
     one = jnp.zeros((batch, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda p: self.model.apply({"params": p}, one, positions=one, mutable=["cache"])[1],
-                            params)["cache"]
+    shapes = jax.eval_shape(lambda p: self._apply(p, None, one, positions=one)[1], params)
     return paged_lib.allocate(shapes, self.num_pages, self.page_size, self.max_pages, batch)
+
+  def _apply(self, params: PyTree, cache: Optional[PyTree], *args: Any, **kw: Any) -> tuple[Array, PyTree]:
+    """The decode-mode model on a cache (None: its init): (logits, new cache)."""
+    variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+    logits, out = self.model.apply(variables, *args, mutable=["cache"], **kw)
+    return logits, out["cache"]
+
+  def _apply_fresh(self, params: PyTree, batch: int, *args: Any, **kw: Any) -> tuple[Array, PyTree]:
+    """`_apply` on an empty contiguous cache of `slots` slots per row."""
+    shapes = jax.eval_shape(lambda p: self._apply(p, None, *args, **kw)[1], params)
+    return self._apply(params, cache_lib.allocate(shapes, batch, self.slots), *args, **kw)
 
   def prefill(self, params: PyTree, ids: Array, lengths: Array,
               paged: dict | None = None) -> tuple[Array, State, Array]:
@@ -82,7 +92,7 @@ class Runner:
     """
     if self.seq2seq:
       return self._prefill_seq2seq(params, ids, lengths)
-    model, b = self.model, ids.shape[0]
+    b = ids.shape[0]
     pos = left_pad_positions(lengths, ids.shape[1])
     start = jnp.zeros((b,), jnp.int32) if paged is None else paged["start"].astype(jnp.int32)
     pos = self._clip(jnp.where(pos >= 0, pos + start[:, None], -1))
@@ -91,50 +101,34 @@ class Runner:
     # it alone: no [batch, prompt, vocab] logits. A prefix-LM prompt must be one bidirectional pass.
     split = prefix is None and ids.shape[1] > 1
     head, head_pos = (ids[:, :-1], pos[:, :-1]) if split else (ids, pos)
-
-    def run(p: PyTree, cache: PyTree | None) -> tuple[Array, PyTree]:
-      variables = {"params": p} if cache is None else {"params": p, "cache": cache}
-      logits, out = model.apply(variables, head, positions=head_pos, prefix_len=prefix, mutable=["cache"])
-      return logits, out["cache"]
-
     if paged is None:
-      shapes = jax.eval_shape(lambda p: run(p, None)[1], params)
-      cache = cache_lib.allocate(shapes, b, self.slots)
+      logits, cache = self._apply_fresh(params, b, head, positions=head_pos, prefix_len=prefix)
     else:
       cache = paged_lib.set_tables(paged["cache"], paged["table"])
-    logits, cache = run(params, cache)
+      logits, cache = self._apply(params, cache, head, positions=head_pos, prefix_len=prefix)
     state = {"cache": cache}
     if split:
       logits, state = self.step(params, state, ids[:, -1:], pos[:, -1:])
     return logits[:, -1], state, (start + lengths).astype(jnp.int32)
 
   def _prefill_seq2seq(self, params: PyTree, src: Array, lengths: Array) -> tuple[Array, State, Array]:
-    model, b = self.model, src.shape[0]
+    b = src.shape[0]
     mask = (jnp.arange(src.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-    encoded = model.apply({"params": params}, src, encoder_padding_mask=mask, method="encode")
+    encoded = self.model.apply({"params": params}, src, encoder_padding_mask=mask, method="encode")
     start = jnp.full((b, 1), self.start_id, jnp.int32)
-    zero = jnp.zeros((b, 1), jnp.int32)
-
-    def run(p: PyTree, enc: Array, cache: PyTree | None) -> tuple[Array, PyTree]:
-      variables = {"params": p} if cache is None else {"params": p, "cache": cache}
-      logits, out = model.apply(variables, None, start, encoded=enc, encoder_padding_mask=mask,
-                                decoder_positions=zero, mutable=["cache"])
-      return logits, out["cache"]
-
-    shapes = jax.eval_shape(lambda p, e: run(p, e, None)[1], params, encoded)
-    logits, cache = run(params, encoded, cache_lib.allocate(shapes, b, self.slots))
+    logits, cache = self._apply_fresh(params, b, None, start, encoded=encoded, encoder_padding_mask=mask,
+                                      decoder_positions=jnp.zeros((b, 1), jnp.int32))
     return logits[:, -1], {"cache": cache, "enc_mask": mask}, jnp.ones((b,), jnp.int32)
 
   def step(self, params: PyTree, state: State, tokens: Array, positions: Array) -> tuple[Array, State]:
     """Feeds tokens [batch, t] at positions [batch, t]: (logits [batch, t, vocab], new state)."""
-    variables = {"params": params, "cache": state["cache"]}
     pos = self._clip(positions.astype(jnp.int32))
     if self.seq2seq:
-      logits, out = self.model.apply(variables, None, tokens, encoder_padding_mask=state["enc_mask"],
-                                     decoder_positions=pos, mutable=["cache"])
+      logits, cache = self._apply(params, state["cache"], None, tokens, decoder_positions=pos,
+                                  encoder_padding_mask=state["enc_mask"])
     else:
-      logits, out = self.model.apply(variables, tokens, positions=pos, mutable=["cache"])
-    return logits, dict(state, cache=out["cache"])
+      logits, cache = self._apply(params, state["cache"], tokens, positions=pos)
+    return logits, dict(state, cache=cache)
 
 
 def repeat_state(state: State, n: int) -> State:

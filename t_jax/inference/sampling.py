@@ -59,8 +59,7 @@ def process_logits(logits: Array, temperature: float = 1.0, top_k: Optional[int]
     probs = jax.nn.softmax(jnp.where(keep, sorted_x, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = keep & (mass_before < top_p)
-  kept = jnp.zeros(x.shape, bool)
-  kept = jnp.put_along_axis(kept, order, keep, axis=-1, inplace=False)
+  kept = jnp.put_along_axis(jnp.zeros(x.shape, bool), order, keep, axis=-1, inplace=False)
   return jnp.where(kept, x, -jnp.inf)
 
 

@@ -26,23 +26,17 @@ def sample_loop(runner: Runner, params: PyTree, ids: Array, lengths: Array, rng:
   """Prefill, then one token per iteration until every row emitted EOS or max_new_tokens.
 
   The penalty processes the raw logits before the sampler (temperature, top-k, top-p) sees them.
-  `paged` goes to Runner.prefill (a paged cache).
   Returns (tokens [batch, max_new_tokens] padded with pad_id after EOS, sum of the raw model's
   log-probabilities of the emitted tokens [batch], stats).
   """
   logits, state, pos = runner.prefill(params, ids, lengths, paged)
-  b = ids.shape[0]
   ctx, first = context(runner, ids, lengths)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  out = jnp.full((ids.shape[0], max_new_tokens), pad_id, jnp.int32)
   choose = lambda key, logits, out, i: sampler.choose(key, penalty(logits, ctx, first, out, i))
   rng, sub = jax.random.split(rng)
   tok = choose(sub, logits, out, 0)
   out = out.at[:, 0].set(tok)
   carry = (jnp.int32(1), tok, pos, state, out, _is_eos(tok, eos_id), token_logprob(logits, tok), rng)
-
-  def cond(c: tuple) -> Array:
-    i, done = c[0], c[5]
-    return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(c: tuple) -> tuple:
     i, tok, pos, state, out, done, score, rng = c
@@ -54,6 +48,7 @@ def sample_loop(runner: Runner, params: PyTree, ids: Array, lengths: Array, rng:
     out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
     return i + 1, new, pos + 1, state, out, done | _is_eos(new, eos_id), score, rng
 
+  cond = lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[5])  # (step, ..., done, ...)
   i, _, _, _, out, _, score, _ = jax.lax.while_loop(cond, body, carry)
   return out, score, {"steps": i}
 
@@ -80,9 +75,7 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
   b, vocab = logits.shape
   ctx, first = context(runner, ids, lengths)
   ctx, first = jnp.repeat(ctx, k, axis=0), jnp.repeat(first, k)
-  state = repeat_state(state, k)
-  logits = jnp.repeat(logits, k, axis=0)
-  pos = jnp.repeat(pos, k)
+  state, logits, pos = repeat_state(state, k), jnp.repeat(logits, k, axis=0), jnp.repeat(pos, k)
   alive_seq = jnp.full((b, k, steps), pad_id, jnp.int32)
   alive_lp = jnp.tile(jnp.asarray([0.0] + [NEG] * (k - 1), jnp.float32), (b, 1))
   fin_seq, fin_score = alive_seq, jnp.full((b, k), NEG, jnp.float32)
@@ -114,9 +107,6 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
                         alive_lp[:, 0] / length_penalty(steps, alpha))
     return jnp.all(fin_score[:, -1] >= bound) | (t + 1 >= steps)
 
-  def cond(c: tuple) -> Array:
-    return ~c[-1]
-
   def body(c: tuple) -> tuple:
     t, logits, state, alive_seq, alive_lp, fin_seq, fin_score, _ = c
     alive_seq, alive_lp, fin_seq, fin_score, rows, tok = select(t, logits, alive_seq, alive_lp, fin_seq, fin_score)
@@ -131,5 +121,5 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
     return t + 1, logits, state, alive_seq, alive_lp, fin_seq, fin_score, stop
 
   carry = (jnp.int32(0), logits, state, alive_seq, alive_lp, fin_seq, fin_score, jnp.bool_(False))
-  t, _, _, _, _, fin_seq, fin_score, _ = jax.lax.while_loop(cond, body, carry)
+  t, _, _, _, _, fin_seq, fin_score, _ = jax.lax.while_loop(lambda c: ~c[-1], body, carry)
   return fin_seq[:, 0], fin_score[:, 0], {"steps": t, "beams": fin_seq, "beam_scores": fin_score}

@@ -93,10 +93,6 @@ def _cdiv(x: Array, d: int) -> Array:
   return _div(x + (d - 1), d)
 
 
-def _clip(x: Array, lo: Array, hi: Array) -> Array:
-  return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
 Bounds = tuple[Array, Array, Array, Array]
 
 
@@ -115,8 +111,8 @@ def _intersect(cfg: Config, lo: Array, full_lo: Array, full_hi: Array, hi: Array
     lo, full_lo = jnp.maximum(lo, seg[0]), jnp.maximum(full_lo, seg[1])
     full_hi, hi = jnp.minimum(full_hi, seg[2]), jnp.minimum(hi, seg[3])
   hi = jnp.maximum(hi, lo)
-  full_lo = _clip(full_lo, lo, hi)
-  full_hi = _clip(full_hi, full_lo, hi)
+  full_lo = jnp.clip(full_lo, lo, hi)
+  full_hi = jnp.clip(full_hi, full_lo, hi)
   return lo, full_lo, full_hi, hi
 
 

@@ -6,9 +6,8 @@ no compute, and their index maps are clamped into the visited range so the pipel
 (the grid step itself remains). GQA: index maps read kv head h // group (`idiv`); the dk/dv kernel's
 reduction axis walks (query head of the group, q block), so k/v are never repeated.
 
-Verified here: interpret mode on CPU (numerics, every mask kind) and lowering to Mosaic MLIR through
-`jax.jit(...).lower(lowering_platforms=("tpu",))`. Not verified: Mosaic compilation and speed on a TPU
-(block/layout rules are only enforced by the TPU compiler).
+Verified: interpret mode on CPU (every mask kind) and lowering to Mosaic MLIR (`lowering_platforms=("tpu",)`);
+not yet Mosaic compilation (which enforces the block/layout rules) or speed on a TPU.
 """
 
 from __future__ import annotations
@@ -33,12 +32,11 @@ _COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parall
 
 def _unpack(cfg: Config, refs: tuple) -> tuple:
   """(q, k, v, bias, q_seg, kv_seg, rest...) with None for absent inputs."""
-  refs = list(refs)
-  i = 3 + cfg.has_bias
-  bias = refs[3] if cfg.has_bias else None
-  q_seg, kv_seg = (refs[i], refs[i + 1]) if cfg.has_segments else (None, None)
-  i += 2 * cfg.has_segments
-  return (*refs[:3], bias, q_seg, kv_seg, *refs[i:])
+  it = iter(refs)
+  q, k, v = next(it), next(it), next(it)
+  bias = next(it) if cfg.has_bias else None
+  q_seg, kv_seg = (next(it), next(it)) if cfg.has_segments else (None, None)
+  return (q, k, v, bias, q_seg, kv_seg, *it)
 
 
 def _tile_mask(cfg: Config, qi: Array, kj: Array, bq: int, bk: int, qseg_ref: object, kseg_ref: object,
@@ -94,10 +92,7 @@ def _q_bounds(cfg: Config, bq: int, bk: int) -> Callable:
 
 def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Optional[Array],
                  kv_seg: Optional[Array], bq: int, bk: int, by_kv: bool = False) -> tuple[Array, Array]:
-  """The two scalar-prefetched inputs: prefix lengths [B] and flat segment block bounds (dummies if absent).
-
-  The bounds take B * n_blocks * 4 int32 words of SMEM.
-  """
+  """Scalar-prefetched prefix lengths [B] and flat segment bounds [B * n_blocks * 4] (dummies if absent)."""
   prefix = prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
   bounds = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv)
   return prefix, jnp.zeros((4,), jnp.int32) if bounds is None else bounds.reshape(-1)
@@ -109,9 +104,24 @@ def _to_bhsd(x: Array) -> Array:
 
 def _aux_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg: Optional[Array]) -> list:
   args = [bias] if cfg.has_bias else []
+  return args + ([q_seg[:, :, None], kv_seg[:, None, :]] if cfg.has_segments else [])
+
+
+def _q_grid_specs(cfg: Config, bq: int, bk: int, d: int) -> tuple[list, pl.BlockSpec, pl.BlockSpec]:
+  """On a (batch, head, q block, kv block) grid: in-specs of q, k, v (+ bias, segment ids), the spec of a
+  [bq, d] q-block tile and of a [bq, 1] row tile; kv blocks are clamped into the visited range."""
+  kvr, g = _kv_bounds(cfg, bq, bk), cfg.group
+  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
+  kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))
+  specs = [q_spec, kv, kv]
+  if cfg.has_bias:
+    specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
+        *cfg.bias_index(bb, hh), i, kblk(bb, i, j, *r))))
   if cfg.has_segments:
-    args += [q_seg[:, :, None], kv_seg[:, None, :]]
-  return args
+    specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
+              pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
+  return specs, q_spec, pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -159,23 +169,10 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
             kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
   """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq, 1] (f32; +inf on fully masked rows)."""
   b, sq, h, d = q.shape
-  sk, g, bq, bk = k.shape[1], cfg.group, cfg.block_q, cfg.block_k
-  kvr = _kv_bounds(cfg, bq, bk)
-  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
-  in_specs = [
-      pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0)),
-      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0)),
-      pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))]
-  if cfg.has_bias:
-    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
-        *cfg.bias_index(bb, hh), i, kblk(bb, i, j, *r))))
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
-  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0)),
-               pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))]
+  sk, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
+  in_specs, q_spec, row_spec = _q_grid_specs(cfg, bq, bk, d)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=2, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=[q_spec, row_spec],
       scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)])
   o, lse = pl.pallas_call(
       lambda *refs: _fwd_kernel(cfg, *refs), grid_spec=grid_spec,
@@ -287,21 +284,10 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(*_scalar_args(cfg, prefix, b, q_seg, kv_seg, bq, bk, by_kv=True), *args)
 
   # dq (and the logits gradient): grid (batch, head, q block, kv block).
-  kvr = _kv_bounds(cfg, bq, bk)
-  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
-  qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
-  kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))
-  rowspec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
-  in_specs = [qspec, kvspec, kvspec]
-  if cfg.has_bias:
-    in_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (
-        *cfg.bias_index(bb, hh), i, kblk(bb, i, j, *r))))
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, *r: (bb, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bb, hh, i, j, *r: (bb, 0, kblk(bb, i, j, *r)))]
-  in_specs += [qspec, rowspec, rowspec]
+  in_specs, q_spec, row_spec = _q_grid_specs(cfg, bq, bk, d)
+  in_specs += [q_spec, row_spec, row_spec]
   out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
-  out_specs = [qspec]
+  out_specs = [q_spec]
   if need_dbias:
     out_shape.append(jax.ShapeDtypeStruct((b, h, sq, sk), _F32))
     out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (bb, hh, i, j)))

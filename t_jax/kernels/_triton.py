@@ -9,9 +9,8 @@ Every loop is split into masked / fully visible / masked ranges (see `_blocks.kv
 blocks (by causality, window, prefix or segment ids) are not visited at all and fully visible ones skip
 the mask arithmetic.
 
-Verified here: interpret mode on CPU (numerics, every mask kind), and lowering to Triton IR through
-`jax.jit(...).lower(lowering_platforms=("cuda",))` (block shapes, primitives). Not verified here: PTX
-compilation, run time and speed on a real GPU.
+Verified: interpret mode on CPU (every mask kind) and lowering to Triton IR (`lowering_platforms=("cuda",)`);
+not yet PTX compilation or speed on a real GPU.
 """
 
 from __future__ import annotations
@@ -38,23 +37,16 @@ def _compiler_params(cfg: Config, num_warps: int) -> Optional[object]:
 
 
 def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
-  """Splits kernel refs into (q, k, v, bias, q_seg, kv_seg, prefix, seg, rest...), None for absent ones.
-
-  prefix is the loaded scalar; seg the loaded segment block bounds (a 4-tuple of scalars, see
-  `_blocks.segment_block_bounds`) of this program's block.
-  """
-  refs = list(refs)
-  q, k, v = refs[:3]
-  i = 3
-  bias = refs[i] if cfg.has_bias else None
-  i += cfg.has_bias
-  q_seg, kv_seg, seg = (refs[i], refs[i + 1], refs[i + 2]) if cfg.has_segments else (None, None, None)
-  i += 3 * cfg.has_segments
-  prefix = refs[i][...] if cfg.has_prefix else None
-  i += cfg.has_prefix
-  assert len(refs) - i == n_tail, (len(refs), i, n_tail)
+  """(q, k, v, bias, q_seg, kv_seg, prefix scalar, this block's 4 segment bounds, rest...); None if absent."""
+  it = iter(refs)
+  q, k, v = next(it), next(it), next(it)
+  bias = next(it) if cfg.has_bias else None
+  q_seg, kv_seg, seg = (next(it), next(it), next(it)) if cfg.has_segments else (None, None, None)
+  prefix = next(it)[...] if cfg.has_prefix else None
+  rest = list(it)
+  assert len(rest) == n_tail, (len(refs), n_tail)
   seg = tuple(seg[c] for c in range(4)) if seg is not None else None
-  return (q, k, v, bias, q_seg, kv_seg, prefix, seg, *refs[i:])
+  return (q, k, v, bias, q_seg, kv_seg, prefix, seg, *rest)
 
 
 def _phased_loop(cfg: Config, bounds: tuple, body: Callable, carry: object) -> object:
@@ -114,10 +106,7 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
 
 def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias_spec: pl.BlockSpec,
                   qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec) -> list:
-  """In-specs of the inputs present: q, k, v, bias, segment ids, their block bounds, prefix.
-
-  The block bounds (`segment_block_bounds`) hold one row per block of the grid's axis 0.
-  """
+  """In-specs of the inputs present: q, k, v, bias, segment ids, their bounds (per axis-0 block), prefix."""
   specs = [q_spec, kv_spec, kv_spec]
   if cfg.has_bias:
     specs.append(bias_spec)

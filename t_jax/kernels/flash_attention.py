@@ -13,6 +13,7 @@ A bias that is not differentiated (ALiBi, constants) costs nothing extra.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Optional
 
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from t_jax.attention.masks import Mask, check_shapes
-from t_jax.kernels import _triton
 from t_jax.kernels._blocks import Config
 
 Array = jax.Array
@@ -30,10 +30,8 @@ MAX_HEAD_DIM = 256
 
 
 def _backend_module(backend: str) -> object:
-  if backend == "mosaic_tpu":
-    from t_jax.kernels import _mosaic_tpu
-    return _mosaic_tpu
-  return _triton
+  """t_jax.kernels._triton or ._mosaic_tpu, imported on first use."""
+  return importlib.import_module(f"t_jax.kernels._{backend}")
 
 
 def default_backend() -> str:
@@ -86,10 +84,7 @@ def _check(q: Array, k: Array, v: Array, mask: Mask, bias: Optional[Array]) -> N
 
 
 def supports(q: Array, k: Array, mask: Optional[Mask] = None, bias: Optional[Array] = None) -> bool:
-  """Whether `flash_attention` covers this call (any backend; on CPU it would run in interpret mode).
-
-  Biases are covered, including their gradient (which materialises [B, H, Sq, Sk] in the backward).
-  """
+  """Whether `flash_attention` covers this call, bias included (any backend; interpret mode on CPU)."""
   try:
     _check(q, k, k, Mask() if mask is None else mask, bias)
   except (ValueError, NotImplementedError):
@@ -114,23 +109,12 @@ def _pick_block(given: Optional[int], default: int, length: int, backend: str, i
   return given
 
 
-def flash_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    mask: Optional[Mask] = None,
-    bias: Optional[Array] = None,
-    scale: Optional[float] = None,
-    block_q: Optional[int] = None,
-    block_k: Optional[int] = None,
-    block_q_bwd: Optional[int] = None,
-    block_k_bwd: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    num_stages: Optional[int] = None,
-    backend: Optional[str] = None,
-    interpret: Optional[bool] = None,
-) -> Array:
+def flash_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None,
+                    bias: Optional[Array] = None, scale: Optional[float] = None,
+                    block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    block_q_bwd: Optional[int] = None, block_k_bwd: Optional[int] = None,
+                    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                    backend: Optional[str] = None, interpret: Optional[bool] = None) -> Array:
   """Memory-efficient attention over [batch, seq, heads, head_dim]; see the module docstring.
 
   backend: "triton" or "mosaic_tpu" (default: from jax.default_backend()). interpret: run the Pallas
@@ -179,8 +163,7 @@ def flash_attention(
                         kv_segment_ids=pad_ids(mask.kv_segment_ids, sk_pad, -2))
   if mask.prefix_len is not None:
     mask = mask.replace(prefix_len=jnp.broadcast_to(jnp.asarray(mask.prefix_len, jnp.int32), (b,)))
-  out = _flash(cfg, qp, kp, vp, bias, mask)
-  return out[:, :sq, :, :d]
+  return _flash(cfg, qp, kp, vp, bias, mask)[:, :sq, :, :d]
 
 
 def _aux(mask: Mask) -> tuple:

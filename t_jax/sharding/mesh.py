@@ -43,10 +43,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A Mesh over all (or the given) devices; jax.make_mesh picks a topology-aware device order.
-
-  Axes are `Auto` (GSPMD propagation from the shardings we give), not JAX's explicit mode.
-  """
+  """A Mesh over all (or the given) devices in jax.make_mesh's topology-aware order; `Auto` axes (GSPMD)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

@@ -81,9 +81,7 @@ class Partitioner:
     """Wraps a mesh and its logical-axis rules; `indivisible` is 'replicate' (warn) or 'error'."""
     if indivisible not in INDIVISIBLE:
       raise ValueError(f"indivisible={indivisible!r} is not one of {INDIVISIBLE}")
-    self.mesh = mesh
-    self.rules = rules
-    self.indivisible = indivisible
+    self.mesh, self.rules, self.indivisible = mesh, rules, indivisible
     self._warned: set[tuple] = set()
 
   @classmethod

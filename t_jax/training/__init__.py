@@ -3,9 +3,7 @@
   from t_jax.training import Experiment, train
   train("/tmp/qs", Experiment(model=ModelConfig(...), task=TaskConfig(...)))
 
-Launchers build the Experiment from gin (launch/config.py). A workdir holds config.gin, tokenizer.model,
-checkpoints/<step>/{state,data} (orbax; data = the grain iterator position), metrics.jsonl and TensorBoard
-events; SIGTERM/SIGINT save and exit 0; `t_jax.load(workdir)` reads it back (t_jax/workdir.py).
+Launchers build the Experiment from gin (launch/config.py); the workdir format is in t_jax/workdir.py.
 """
 
 from t_jax.training.config import Experiment, OptimizerConfig, TrainConfig

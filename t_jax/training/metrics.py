@@ -31,9 +31,8 @@ class MetricWriter:
     row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
-    for k, v in row.items():
-      if k != "step":
-        self._tb.add_scalar(k, v, step)
+    for k in metrics:
+      self._tb.add_scalar(k, row[k], step)
     self._tb.flush()
 
   def close(self) -> None:
@@ -44,10 +43,8 @@ class MetricWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
-  """Keeps the rows with row['step'] <= step, so a resumed run does not log its replayed steps twice.
-
-  A torn last line (a crash mid-write) is dropped with a message; a torn line elsewhere is an error naming it.
-  """
+  """Keeps the rows with row['step'] <= step (a resumed run replays the later ones); a torn last line (a crash
+  mid-write) is dropped with a message, a torn line elsewhere is an error naming it."""
   if not os.path.exists(path):
     return
   with open(path) as f:
