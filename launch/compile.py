@@ -7,6 +7,11 @@
 Builds the model, optimizer, mesh and train step exactly as launch.train would, with abstract inputs (no
 data is read, no tokenizer trained, nothing allocated). Needs the libtpu package (the `tpu-aot` extra), no
 TPU. Exit code 2: bad input, or a program that does not fit the chip's HBM.
+
+Flops count every iteration of scanned layers and microbatch loops (each loop body costed by XLA's cost
+analysis, times its trip count). The predicted step time is XLA's TPU cost model for loop-free programs
+where it gives one, else a roofline max(flops / peak, collective bytes / ICI bandwidth): a lower bound, so
+the MFU is an upper bound (configs/topologies/README.md).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ The TPU compiler comes with the optional libtpu package (the tpu-aot extra); tes
 without it. They run in subprocesses: libtpu holds process-wide state (a lockfile, its plugin).
 """
 
+import fcntl
 import importlib.util
 import json
 import math
@@ -13,6 +14,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,6 +31,7 @@ needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu-aot]'): no TPU compiler here")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 TINY = ["--gin_file=experiments/quickstart_tiny.gin", "--gin_file=hardware/fsdp.gin"]
+LAYERS = ["--gin_bindings=ModelConfig.num_layers=3"]  # the plans: 3 layers, unrolled and scanned
 HEAD_DIMS, MASKS, DIRECTIONS = (64, 128), ("none", "causal", "segments"), ("fwd", "bwd")
 KNOWN_KERNEL_FAILURES: dict[str, str] = {}  # "64-causal-bwd": "reason" for a kernel Mosaic cannot compile
 
@@ -38,17 +41,45 @@ def run(*args, module="launch.compile"):
                         text=True, timeout=600)
 
 
+def once_per_session(tmp_path_factory, name, produce):
+  """produce() once per test session, also under pytest-xdist: the first worker computes, the others read.
+
+  (Module fixtures run once per xdist worker, and the `xdist_group` marks of --dist loadgroup are lost
+  with pytest 9 + pytest-xdist 3.8.) The result must be JSON-able; a failure is not cached.
+  """
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return produce()
+  path = tmp_path_factory.getbasetemp().parent / f"{name}.json"  # the session's dir, shared by the workers
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not path.exists():
+      path.write_text(json.dumps(produce()))
+    return json.loads(path.read_text())
+
+
+def _plan(tmp_path_factory, scan):
+  def produce():
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    res = run(*TINY, *LAYERS, f"--gin_bindings=ModelConfig.scan_layers={scan}", "--topology=v5e:2x2",
+              f"--out={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads(out.read_text())
+  return once_per_session(tmp_path_factory, f"tiny_plan_scan_{scan}", produce)
+
+
 @pytest.fixture(scope="module")
 def tiny_plan(tmp_path_factory):
-  out = tmp_path_factory.mktemp("plan") / "plan.json"
-  res = run(*TINY, "--topology=v5e:2x2", f"--out={out}")
-  assert res.returncode == 0, res.stderr[-3000:]
-  return res.stdout, json.loads(out.read_text())
+  return _plan(tmp_path_factory, scan=False)
 
 
-def expected_param_bytes(files, devices):
+@pytest.fixture(scope="module")
+def scanned_plan(tmp_path_factory):
+  return _plan(tmp_path_factory, scan=True)
+
+
+def expected_param_bytes(files, bindings, devices):
   """Per-device parameter bytes from the parameter shapes and the rules' specs (no TPU, no compile)."""
-  config.parse(files)
+  config.parse(files, bindings)
   exp = config.experiment()
   sizes = dict(zip(AXES, mesh_shape(exp.mesh, devices)))
   total = 0
@@ -64,15 +95,25 @@ def expected_param_bytes(files, devices):
 @needs_libtpu
 def test_tiny_plan_matches_the_sharding_rules(tiny_plan):
   text, report = tiny_plan
-  files = [f.split("=", 1)[1] for f in TINY]
+  files, bindings = [f.split("=", 1)[1] for f in TINY], [b.split("=", 1)[1] for b in LAYERS]
   assert report["devices"] == 4 and report["device_kind"] == "TPU v5 lite"
   assert report["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
-  assert report["memory"]["params"] == expected_param_bytes(files, 4)
+  assert report["memory"]["params"] == expected_param_bytes(files, bindings, 4)
   assert report["memory"]["optimizer"] > 2 * report["memory"]["params"]  # adamw: two moments, some replicated
   assert report["fits"] and report["memory"]["temporaries"] > 0
   assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the parameters
-  assert report["flops_per_device"] > 0 and 0 < report["mfu"] < 1
+  assert report["flops_per_device"] > 0 and 0 < report["mfu"] < 1 and not report["loops"]
   assert "FITS" in text and "all-gather" in text and "MFU" in text and "optimal_seconds" in text
+
+
+@needs_libtpu
+def test_a_scanned_plan_predicts_the_flops_of_its_unrolled_twin(tiny_plan, scanned_plan):
+  (_, unrolled), (text, scanned) = tiny_plan, scanned_plan
+  assert [(lp["trips"], lp["known"]) for lp in scanned["loops"]] == [(3, True), (3, True)]  # forward, backward
+  assert scanned["xla_flops_loop_bodies_once"] < 0.8 * scanned["flops_per_device"]
+  assert scanned["flops_per_device"] == pytest.approx(unrolled["flops_per_device"], rel=0.03)
+  assert scanned["step_seconds"] >= scanned["compute_seconds"] > 0 and 0 < scanned["mfu"] < 1
+  assert "3 x" in text and "roofline" in text and "MFU" in text
 
 
 @needs_libtpu
@@ -179,17 +220,54 @@ def test_collectives_count_loops_once_per_trip_and_fused_pieces_once():
 
 def test_step_time_prefers_a_usable_xla_estimate():
   cost = {"optimal_seconds": 0.5, "flops": 1e12}
-  assert aot._step_time(cost, False, 1e12) == (0.5, "XLA cost model (optimal_seconds)")
-  assert aot._step_time(cost, True, 1e12)[0] is None  # XLA counted the loop bodies once
-  seconds, source = aot._step_time({"optimal_seconds": -14.7, "flops": 2e12}, False, 1e12)  # big programs
-  assert seconds == 2.0 and source.startswith("XLA flops / peak")
+  assert aot._step_time(cost, 1e12, [], 0.1, 1e12) == (0.5, "XLA cost model (optimal_seconds)")
+  seconds, source = aot._step_time(cost, 3e12, [{"trips": 3}], 0.1, 1e12)  # XLA counted the loop body once
+  assert seconds == 3.0 and "bound by XLA flops at peak (loop bodies x trip count)" in source
+  seconds, source = aot._step_time({"optimal_seconds": -14.7, "flops": 2e12}, 2e12, [], 5.0, 1e12)  # big programs
+  assert seconds == 5.0 and "bound by collectives at ICI bandwidth" in source
+  assert aot.collective_seconds({"all-reduce": {"count": 2, "bytes": 10}, "all-gather": {"count": 1, "bytes": 5}},
+                                5.0) == 5.0
+
+
+def _layer(h, w):
+  return jnp.tanh(h @ w)
+
+
+def _scanned(x, w):
+  return jax.lax.scan(lambda h, wi: (_layer(h, wi), None), x, w)[0].sum()
+
+
+def _nested(x, w):  # 3 x 4 layers: a scan in a scan
+  inner = lambda h, ws: (jax.lax.scan(lambda g, wi: (_layer(g, wi), None), h, ws)[0], None)
+  return jax.lax.scan(inner, x, w.reshape(3, 4, *w.shape[1:]))[0].sum()
+
+
+def _unrolled(x, ws):
+  for w in ws:
+    x = _layer(x, w)
+  return x.sum()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "gradient"])
+@pytest.mark.parametrize("looped", [_scanned, _nested], ids=["scan", "nested_scan"])
+def test_loop_flops_count_each_iteration_like_the_unrolled_program(looped, grad):
+  x, w = jnp.ones((8, 64)), jnp.ones((12, 64, 64))
+  def flops(f, *args):
+    compiled = jax.jit(jax.grad(f, argnums=1) if grad else f).lower(*args).compile()
+    once = compiled.cost_analysis()["flops"]
+    return once, aot.loop_flops(compiled.as_text(), once)
+  once, (total, loops) = flops(looped, x, w)
+  _, (unrolled, none) = flops(_unrolled, x, list(w))
+  assert none == [] and all(lp["known"] for lp in loops) and {lp["trips"] for lp in loops} <= {12, 3, 4}
+  assert once < total / 3  # XLA alone counts a loop body once
+  assert total == pytest.approx(unrolled, rel=0.05)  # the backward loop carries a few more elementwise flops
 
 
 def test_microbatches_and_chips():
   assert aot.microbatches(TrainConfig(batch_size=16, per_device_batch_size=2), 4) == 2
   with pytest.raises(ValueError, match="per_device_batch_size=3"):
     aot.microbatches(TrainConfig(batch_size=16, per_device_batch_size=3), 4)
-  assert aot.chip("v5p:4x8x8") == aot.Chip(95, 459)
+  assert aot.chip("v5p:4x8x8") == aot.Chip(95, 459, 4800)
   with pytest.raises(ValueError, match="unknown topology"):
     aot.chip("v5e")
 
@@ -215,7 +293,6 @@ def _kernel_matrix() -> dict[str, str]:
 
   The gradient program holds the forward kernel too; the forward alone is compiled only when it fails.
   """
-  import jax.numpy as jnp
   from jax.sharding import SingleDeviceSharding
 
   from t_jax.kernels import flash_attention
@@ -238,10 +315,12 @@ def _kernel_matrix() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def kernel_matrix():
-  res = run(module="tests.test_compile")
-  assert res.returncode == 0, res.stderr[-3000:]
-  return json.loads(res.stdout.splitlines()[-1])
+def kernel_matrix(tmp_path_factory):
+  def produce():
+    res = run(module="tests.test_compile")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+  return once_per_session(tmp_path_factory, "mosaic_kernel_matrix", produce)
 
 
 @needs_libtpu

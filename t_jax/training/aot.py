@@ -6,7 +6,11 @@
 
 The report (a JSON-able dict) has per-device memory (parameters, optimizer state, XLA's temporaries) against
 the chip's HBM, flops, the collectives of the optimized HLO, a predicted step time and MFU. Chip figures
-are from the public Cloud TPU documentation (HBM GiB and peak bf16 TFLOP/s per chip).
+are from the public Cloud TPU documentation (HBM GiB, peak bf16 TFLOP/s and ICI Gbit/s per chip).
+
+Flops of programs with loops (scan_layers, microbatches): XLA's cost analysis counts a while loop's body once.
+`loop_flops` re-runs XLA's cost analysis on each loop body of the optimized HLO and counts it once per
+iteration (trip counts read from the HLO), so a scanned program gets the flops of its unrolled twin.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ LIBTPU = "libtpu==0.0.42.*"  # the version jax 0.10.2's own jax[tpu] extra pins
 
 
 class Chip(NamedTuple):
-  """Per-chip HBM (GiB) and peak dense bf16 TFLOP/s (public Cloud TPU documentation)."""
+  """Per-chip HBM (GiB), peak dense bf16 TFLOP/s and inter-chip interconnect Gbit/s (Cloud TPU documentation)."""
 
   hbm_gib: float
   tflops: float
+  ici_gbps: float
 
 
-CHIPS = {"v4": Chip(32, 275), "v5e": Chip(16, 197), "v5p": Chip(95, 459), "v6e": Chip(32, 918)}
+CHIPS = {"v4": Chip(32, 275, 2400), "v5e": Chip(16, 197, 1600), "v5p": Chip(95, 459, 4800),
+         "v6e": Chip(32, 918, 3584)}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -150,8 +156,8 @@ def _arrays(shapes: str) -> list[int]:
   return out
 
 
-def _trip_count(line: str, computations: dict[str, list[str]]) -> tuple[str, int]:
-  """(body, trips) of a while: its known_trip_count, or N from `i < constant(N)` in its condition, else 1."""
+def _trip_count(line: str, computations: dict[str, list[str]]) -> tuple[str, Optional[int]]:
+  """(body, trips) of a while: its known_trip_count, or N from `i < constant(N)` in its condition, else None."""
   body = re.search(r"body=%?([\w.\-]+)", line).group(1)
   known = re.search(r"\"known_trip_count\":\{\"n\":\"(\d+)\"", line)
   if known:
@@ -160,7 +166,7 @@ def _trip_count(line: str, computations: dict[str, list[str]]) -> tuple[str, int
   consts = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(cond)))
   root = next((c for c in cond if "ROOT" in c and "direction=LT" in c), "")
   limit = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\)", root)
-  return body, int(consts.get(limit.group(1), 1)) if limit else 1
+  return body, int(consts[limit.group(1)]) if limit and limit.group(1) in consts else None
 
 
 def loop_trips(hlo_computations: dict[str, list[str]]) -> dict[str, int]:
@@ -170,6 +176,7 @@ def loop_trips(hlo_computations: dict[str, list[str]]) -> dict[str, int]:
     for name, lines in hlo_computations.items():
       for line in lines:
         body, n = _trip_count(line, hlo_computations) if " while(" in line else ("", 1)
+        n = n or 1
         for callee in _CALLS.findall(line):
           if callee in trips:
             trips[callee] = max(trips[callee], trips[name] * (n if callee == body else 1))
@@ -187,6 +194,85 @@ def computations(hlo: str) -> dict[str, list[str]]:
     else:
       current.append(line)
   return out
+
+
+def _loops_run_by(comps: dict[str, list[str]]) -> dict[str, list[dict]]:
+  """{computation: [{body, trips, known}, ...]}: the while ops a computation runs itself or through calls.
+
+  `known` is False when neither a known_trip_count nor an `i < constant` condition gave the trip count.
+  """
+  direct: dict[str, list[dict]] = {}
+  callees: dict[str, set[str]] = {}
+  for name, lines in comps.items():
+    for line in lines:
+      if " while(" in line:
+        body, trips = _trip_count(line, comps)
+        direct.setdefault(name, []).append({"body": body, "trips": trips or 1, "known": trips is not None})
+      else:  # calls and conditionals run their computations' loops; fusions and reducers hold none
+        callees.setdefault(name, set()).update(c for c in _CALLS.findall(line) if c in comps)
+  out: dict[str, list[dict]] = {}
+
+  def collect(name: str, seen: frozenset) -> list[dict]:
+    if name not in out:
+      found = list(direct.get(name, []))
+      for callee in callees.get(name, ()):
+        if callee not in seen:
+          found += collect(callee, seen | {callee})
+      out[name] = found
+    return out[name]
+
+  for name in comps:
+    collect(name, frozenset({name}))
+  return out
+
+
+def _entry_flops(hlo: str, entry: str) -> float:
+  """XLA's flops of one computation of the module as if it were the entry (its own loop bodies counted once).
+
+  The module is re-parsed with that computation as ENTRY and costed by XLA's HloCostAnalysis on the CPU
+  client (the compile-only TPU client offers no cost analysis of a module; on a whole TPU program the two
+  flop counts agreed to within a few flops). Uses jaxlib's private bindings, as `jax.stages` does.
+  """
+  from jax._src.lib import _jax, xla_client
+
+  lines = hlo.splitlines()
+  lines[0] = lines[0].split(",")[0]  # 'HloModule name': the entry's layout and aliasing belong to the old one
+  for i, line in enumerate(lines):
+    m = _COMP.match(line)
+    if m:
+      line = line.removeprefix("ENTRY ")
+      lines[i] = "ENTRY " + line if m.group(1) == entry else line
+  module = xla_client.hlo.hlo_module_from_text("\n".join(lines))
+  return float(_jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client, module)["flops"])
+
+
+def loop_flops(hlo: str, xla_flops: float) -> tuple[float, list[dict]]:
+  """(flops per step, loops): XLA's count `xla_flops` with every while body counted once per iteration.
+
+  XLA's cost analysis counts a loop body once. For each loop of the optimized HLO (scanned layers forward and
+  backward, microbatches) this costs the body alone with XLA's cost analysis and adds it (trips - 1) more
+  times, nested loops included. Loops whose trip count the HLO does not state count once (`known` False).
+  The loop conditions (a compare per iteration) are left out.
+  """
+  comps = computations(hlo)
+  loops = _loops_run_by(comps)
+  entry = next(m.group(1) for line in hlo.splitlines() if line.startswith("ENTRY ") and (m := _COMP.match(line)))
+  cache: dict[str, tuple[float, float]] = {}
+  rows: list[dict] = []
+
+  def total(name: str, once: Optional[float] = None) -> float:
+    """Flops of one run of `name` with its loops expanded; `once` = XLA's count with bodies once, if known."""
+    if name not in cache:
+      counted = _entry_flops(hlo, name) if once is None else once
+      extra = 0.0
+      for loop in loops.get(name, []):
+        body_total = total(loop["body"])
+        extra += loop["trips"] * body_total - cache[loop["body"]][0]
+        rows.append({**loop, "flops_per_trip": body_total})
+      cache[name] = (counted, counted + extra)
+    return cache[name][1]
+
+  return total(entry, xla_flops), rows
 
 
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
@@ -261,6 +347,7 @@ def plan(exp: Experiment, topology: str, devices: Sequence[jax.Device]) -> dict:
   lengths, params = exp.task.objective.lengths(), build.abstract["params"]
   report = {"topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
             "hbm_bytes": hw.hbm_gib * GIB / per_chip, "peak_flops": hw.tflops * 1e12 / per_chip,
+            "ici_bytes_per_second": hw.ici_gbps * 1e9 / 8 / per_chip,
             "mesh": dict(build.partitioner.mesh.shape), "rules": exp.mesh.rules,
             "parameters": count_params(params), "batch_size": exp.train.batch_size, "lengths": lengths,
             "microbatches": build.accum,
@@ -299,28 +386,53 @@ def _memory(compiled: Any, report: dict) -> dict:
   return mem
 
 
-def _step_time(cost: dict, looped: bool, peak_flops: float) -> tuple[Optional[float], str]:
-  """(seconds, source): XLA's cost-model estimate when it is usable, else flops / peak (compute only)."""
-  if looped:
-    return None, "n/a: XLA's cost analysis counts a loop body once (scan_layers, microbatches)"
+def collective_seconds(colls: dict[str, dict[str, int]], ici_bytes_per_second: float) -> float:
+  """Time to move the step's collective bytes through one chip's ICI at the documented bandwidth, no overlap.
+
+  Full-size bytes once per op (an all-reduce twice: reduce-scatter + all-gather); a ring moves (n-1)/n of them
+  through each chip. A rough lower bound: it assumes every link busy, no latency, no contention.
+  """
+  return sum(c["bytes"] * (2 if op == "all-reduce" else 1) for op, c in colls.items()) / ici_bytes_per_second
+
+
+def _step_time(cost: dict, flops: Optional[float], loops: list, comm_seconds: float, peak_flops: float
+               ) -> tuple[Optional[float], str]:
+  """(seconds, source): XLA's cost-model estimate when it is usable, else a compute/ICI roofline.
+
+  XLA's `optimal_seconds` (TPU cost model: compute, memory, communication) is used for loop-free programs
+  when positive; it is negative for big programs, and counts loop bodies once. Otherwise: max(flops / peak,
+  collective bytes / ICI bandwidth), flops with loop bodies counted per iteration -- a lower bound on the
+  step (no memory-bound time, perfect overlap), so the MFU derived from it is an upper bound.
+  """
   seconds = cost.get("optimal_seconds", -1.0)
-  if math.isfinite(seconds) and seconds > 0:
+  if not loops and math.isfinite(seconds) and seconds > 0:
     return float(seconds), "XLA cost model (optimal_seconds)"
-  if cost.get("flops"):
-    return cost["flops"] / peak_flops, "XLA flops / peak: compute only, no memory or communication time"
-  return None, "n/a: no cost analysis"
+  if not flops:
+    return None, "n/a: no cost analysis"
+  compute = flops / peak_flops
+  bound = "collectives at ICI bandwidth" if comm_seconds > compute else "XLA flops at peak"
+  how = "loop bodies x trip count" if loops else "no loops"
+  return max(compute, comm_seconds), (f"roofline, bound by {bound} ({how}); a lower bound: memory-bound time "
+                                      "and imperfect overlap are not modelled")
 
 
 def _analyse(compiled: Any, report: dict) -> dict:
   """Memory, flops, collectives, step time and MFU of a compiled step."""
   hlo, cost = compiled.as_text(), compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
-  looped = any(n > 1 for n in loop_trips(computations(hlo)).values())
   mem = _memory(compiled, report)
-  seconds, source = _step_time(cost, looped, report["peak_flops"])
-  out = {"memory": mem, "fits": mem["peak"] <= report["hbm_bytes"], "reason": None, "loops": looped,
-         "flops_per_device": cost.get("flops"), "collectives": collectives(hlo), "step_seconds": seconds,
-         "step_source": source, "mfu": seconds and report["roofline_seconds"] / seconds}
+  once, colls = cost.get("flops"), collectives(hlo)
+  comm = collective_seconds(colls, report["ici_bytes_per_second"])
+  try:  # only a program with loops re-parses HLO
+    flops, loops = loop_flops(hlo, once) if once else (None, [])
+    seconds, source = _step_time(cost, flops, loops, comm, report["peak_flops"])
+  except Exception as e:  # noqa: BLE001 - HLO that XLA's parser or cost analysis refuses: say so, guess nothing
+    flops, loops = None, []
+    seconds, source = None, f"n/a: the loop bodies could not be costed ({type(e).__name__}: {e})"
+  out = {"memory": mem, "fits": mem["peak"] <= report["hbm_bytes"], "reason": None, "loops": loops,
+         "flops_per_device": flops, "xla_flops_loop_bodies_once": once, "collectives": colls,
+         "compute_seconds": flops and flops / report["peak_flops"], "collective_seconds": comm,
+         "step_seconds": seconds, "step_source": source, "mfu": seconds and report["roofline_seconds"] / seconds}
   if not out["fits"]:
     out["reason"] = f"needs {mem['peak'] / GIB:.2f} GiB per device, has {report['hbm_bytes'] / GIB:.2f}"
   return out
@@ -354,14 +466,18 @@ def format_report(r: dict) -> str:
   if not r["fits"]:
     lines.append("largest per-device arrays of the train state:")
     return "\n".join(lines + [f"  {a['name']:<58}{_size(a['bytes'])}  {a['shape']}" for a in r["largest"]])
-  xla = r["flops_per_device"]
+  xla, loops = r["flops_per_device"], r["loops"]
+  counted = "" if not loops else ", while bodies x trip count (" + ", ".join(
+      f"{lp['trips']} x {lp['flops_per_trip']:.3g}" + ("" if lp["known"] else " [trip count unknown: once]")
+      for lp in loops) + f"; XLA alone, bodies once: {r['xla_flops_loop_bodies_once']:.3e})"
   lines.append(f"flops per step: model {r['model_flops']:.3e} (6 x weights x tokens + attention); XLA "
-               + (f"{xla * r['devices']:.3e} ({xla:.3e} per device)" if xla else "n/a")
-               + (", loop bodies counted once" if r["loops"] else ""))
+               + (f"{xla * r['devices']:.3e} ({xla:.3e} per device{counted})" if xla else "n/a"))
   lines.append("collectives per step (result bytes per device):")
   lines += [f"  {op:<20}{c['count']:>8} ops {_size(c['bytes'])}"
             for op, c in sorted(r["collectives"].items())]
-  lines.append(f"step time at 100% MFU {1e3 * r['roofline_seconds']:.4g} ms; predicted "
-               + (f"{1e3 * r['step_seconds']:.4g} ms ({r['step_source']}), MFU {100 * r['mfu']:.1f}%"
-                  if r["step_seconds"] else f"step time and MFU {r['step_source']}"))
+  lines.append(f"step time at 100% MFU {1e3 * r['roofline_seconds']:.4g} ms; XLA flops at peak "
+               + (f"{1e3 * r['compute_seconds']:.4g} ms" if r["compute_seconds"] else "n/a")
+               + f"; collectives at ICI bandwidth {1e3 * r['collective_seconds']:.4g} ms")
+  lines.append("predicted " + (f"{1e3 * r['step_seconds']:.4g} ms per step, MFU {100 * r['mfu']:.1f}% "
+                               f"({r['step_source']})" if r["step_seconds"] else f"step time and MFU {r['step_source']}"))
   return "\n".join(lines)
