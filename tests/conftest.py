@@ -1,6 +1,8 @@
 """Shared test fixtures and helpers."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,24 @@ def shared_dir() -> Path:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs on the CPU. With libtpu installed (the tpu-aot extra, in CI) JAX would otherwise probe for a
+# TPU in every process; tests/test_compile.py loads libtpu itself for compile-only TPU devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session, shared by the xdist workers and every process they
+# start (launch.train runs, multi-process workers): the same tiny train step is compiled once, not per
+# process. The controller creates it before the workers start (they inherit the environment) and removes it.
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="t_jax_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The test models are tiny: compiling dominates, and LLVM's backend optimisation costs more than it saves
+# (a third of a launch.train run's CPU time; XLA's numerics do not change, fast-math stays off).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

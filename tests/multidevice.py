@@ -133,7 +133,8 @@ def free_port() -> int:
 def run_workers(script: str, jobs: list[list[str]], timeout: float = 400) -> list[dict]:
   """Runs `python script --worker <args> --out <json>` for every job concurrently; returns their reports."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()  # compile faster
+  if "xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):  # compile faster
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   with tempfile.TemporaryDirectory() as tmp:
     procs = []
     for i, args in enumerate(jobs):
