@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--bandwidth_mib", type=int, default=2048, help="Size of the bandwidth probe.")
   args = p.parse_args(argv)
   if args.smoke:
-    args.batches, args.spec_batches, args.prompt_len, args.new_tokens = "1,4", "1", 16, 16
+    args.batches, args.spec_batches, args.prompt_len, args.new_tokens = "1", "1", 16, 16
     args.repeats, args.bandwidth_mib, args.draft_layers = 2, 64, 1
   args.batches = [int(b) for b in args.batches.split(",")]
   args.spec_batches = [int(b) for b in args.spec_batches.split(",")]
