@@ -2,6 +2,7 @@
 
   python -m launch.convert --from_hf=HF_DIR --to_workdir=WORKDIR
   python -m launch.convert --from_workdir=WORKDIR --to_hf=HF_DIR [--tokenizer=spm.model]
+  python -m launch.convert --from_workdir=RUN --to_workdir=OUT      # a run's params (LoRA merged) as a workdir
 
 A workdir holds config.gin (ModelConfig bindings) and params/ (Orbax); see t_jax.convert.workdir.
 The source HF config is kept as WORKDIR/hf_config.json so the reverse trip restores its special ids.
@@ -53,10 +54,12 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None,
   from t_jax.workdir import PARAMS_DIR, params_target, read_config, read_params
 
   _refuse_existing(hf_dir, HF_FILES, overwrite)
+  from t_jax.models.lora import merge_lora
+
   cfg, _ = read_config(workdir)
   root = Path(workdir).absolute()
   try:
-    params = read_params(root, params_target(cfg))
+    cfg, params = merge_lora(cfg, read_params(root, params_target(cfg)))  # LoRA adapters folded in
   except Exception as e:  # noqa: BLE001 - orbax reports truncated or corrupt files as anything
     if isinstance(e, ValueError) and str(root) in str(e):
       raise  # t_jax.workdir's own errors name the checkpoint
@@ -96,7 +99,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
-  """Entry point: exactly one of --from_hf/--to_workdir or --from_workdir/--to_hf."""
+  """Entry point: exactly one of --from_hf/--to_workdir, --from_workdir/--to_hf or --from_workdir/--to_workdir."""
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.FATAL)  # orbax logs reads, writes and bad files; errors are reported below
@@ -108,8 +111,14 @@ def main(argv: list[str]) -> int:
     elif FROM_WORKDIR.value and TO_HF.value and not (FROM_HF.value or TO_WORKDIR.value):
       out = workdir_to_hf(FROM_WORKDIR.value, TO_HF.value, tokenizer=TOKENIZER.value, dtype=HF_DTYPE.value,
                           overwrite=OVERWRITE.value)
+    elif FROM_WORKDIR.value and TO_WORKDIR.value and not (FROM_HF.value or TO_HF.value):
+      from t_jax.training.finetune import export_params
+
+      _refuse_existing(TO_WORKDIR.value, WORKDIR_FILES, OVERWRITE.value)
+      out = export_params(FROM_WORKDIR.value, TO_WORKDIR.value, overwrite=OVERWRITE.value)
     else:
-      print("error: give --from_hf with --to_workdir, or --from_workdir with --to_hf", file=sys.stderr)
+      print("error: give --from_hf with --to_workdir, or --from_workdir with --to_hf or --to_workdir",
+            file=sys.stderr)
       return 2
   except (ValueError, OSError) as e:  # ConversionError is a ValueError
     print(f"error: {_one_line(e)}", file=sys.stderr)

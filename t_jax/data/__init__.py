@@ -12,34 +12,13 @@ Quick start::
   state = it.get_state()                                     # small JSON-serialisable dict
   it.set_state(state)                                        # resumes bit-identically
 
-Sources (random access: `len(src)`, `src[i] -> dict[str, str] | None`; `src.stats` -> counters):
-  TfdsSource(name, split="train", keys="text", data_dir=None, max_chars=MAX_CHARS)
-      any TFDS dataset via tfds.data_source (no TensorFlow); keys maps output key -> TFDS feature,
-      e.g. TfdsSource("wmt14_translate/de-en", keys={"inputs": "en", "targets": "de"}).
-  TextFileSource(patterns, per_line=True, key="text", max_chars=MAX_CHARS)
-      glob patterns, .gz allowed; one document per line, or per file with per_line=False.
-  ParallelTextSource(source_path, target_path, inputs_key="inputs", targets_key="targets")
-  ParallelTextSource.from_prefix(prefix, "en", "de")    # {prefix}.en[.gz] / {prefix}.de[.gz]
-      line-aligned files; different line counts -> ValueError naming both files and counts.
-  PydocSource(split="train" | "validation", unit="paragraph" | "topic", validation_every=10)
-  A source with no documents raises ValueError naming it; empty lines and undecodable (non UTF-8) lines
-  are skipped and counted in `stats` ("empty", "undecodable"); max_chars truncates ("truncated"; default
-  MAX_CHARS = 1,000,000 characters per record, None = no cap). Training prints one `data:` line per source
-  with these counts and refuses a source whose sampled records are mostly unusable
-  (TaskConfig.max_bad_fraction, default 0.5).
-  Uncompressed line files are indexed once and read from disk per record (a bad line reads as None,
-  counted then); `.gz`, per-file and parallel text are read into memory. TfdsSource reads lazily.
+Sources (random access, see sources.py): TfdsSource, TextFileSource, ParallelTextSource and PydocSource
+(CPython's documentation: no download). Training prints one `data:` line of counts per source and refuses
+one whose sampled records are mostly unusable (TaskConfig.max_bad_fraction, default 0.5).
 
-Tokenizer (SentencePiece):
-  Tokenizer.train(source, path, vocab_size=8000, model_type="unigram" | "bpe", num_extra_ids=0,
-                  max_sentences=100_000, ...)  -> trains (seconds on small corpora) and saves to path,
-                  or loads path when it exists (overwrite=False).
-  Tokenizer.load(path, num_extra_ids=0)
-  Ids: pad_id=0, eos_id=1 (= bos_id for decoder-only), unk_id=2, mask_id=3 ('<mask>', for MLM),
-  then the SentencePiece pieces (sp_vocab_size in all), then num_extra_ids sentinels:
-  sentinel(i) = vocab_size - 1 - i. vocab_size = sp_vocab_size + num_extra_ids (embedding size).
-  encode(str) -> list[int] (no eos); decode(ids) -> str (stops at eos, skips pad, sentinels render as
-  '<extra_id_i>', ids outside the vocabulary are dropped).
+Tokenizer (SentencePiece): `Tokenizer.train(source, path, vocab_size=8000, num_extra_ids=0, ...)` trains and
+saves (or loads an existing `path`); `Tokenizer.load(path)`. Ids: pad 0, eos 1 (= bos), unk 2, mask 3, the
+pieces, then num_extra_ids sentinels: sentinel(i) = vocab_size - 1 - i.
 
 Objectives and the batch contract (B = batch_size; int32 unless noted; segment_ids: 1, 2, 3 ... per packed
 example and 0 on padding; positions restart at 0 in every segment):
@@ -65,19 +44,17 @@ example and 0 on padding; positions restart at 0 in every segment):
   pairs are truncated. Counters are in `objective.stats` ("split", "truncated", "truncated_<key>"); like
   source stats they count what this process has read so far (including prefetched elements).
 
-Pipeline:
-  make_dataset(source, tokenizer, objective, *, batch_size, train=True, seed=0, num_epochs=None,
-               shard_index=0, shard_count=1, packing_bins=None, num_threads=4, prefetch_buffer_size=128)
-      -> grain.IterDataset of batches.
-  make_iterator(...same arguments...) -> grain.DatasetIterator with get_state()/set_state().
-  train=True: the shard is shuffled (seeded, differently each epoch) and repeated num_epochs times
-  (None = forever); packing bins are shuffled. train=False: one ordered pass; the last batch is padded
-  with all-zero rows (weights 0), so every batch has the same shape. Random choices (masks, spans,
-  prefix lengths) depend only on (seed, element index): the stream is deterministic and resumable.
-  Each process reads elements shard_index::shard_count of the source. Different shards may yield
-  different numbers of eval batches; a multi-host eval loop must agree on when to stop.
+Pipeline: `make_dataset(source, tokenizer, objective, *, batch_size, train=True, seed=0, ...)` is a
+grain.IterDataset of batches and `make_iterator(...)` its checkpointable iterator (get_state / set_state).
+Random choices (masks, spans, prefix lengths) depend only on (seed, element index): the stream is
+deterministic and resumable. train=False is one ordered pass whose last batch is padded with zero rows.
+
+Fine-tuning (classification.py): Classification(seq_len, num_classes, text_key, text_pair_key) rows of
+inputs/segment_ids/positions [B, L], label [B], weights [B]; AcceptabilitySource (word-order acceptability
+from a sentence-per-line file) and TfdsClassificationSource (e.g. glue/cola).
 """
 
+from t_jax.data.classification import AcceptabilitySource, Classification, TfdsClassificationSource
 from t_jax.data.objectives import (
     CausalLM,
     MaskedLM,
@@ -101,10 +78,3 @@ from t_jax.data.sources import (
 )
 from t_jax.data.task import TaskConfig
 from t_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
-
-__all__ = [
-    "EOS_ID", "PAD_ID", "UNK_ID", "CausalLM", "Counts", "InMemorySource", "MaskedLM", "Objective",
-    "ParallelTextSource", "PrefixLM", "PydocSource", "Seq2Seq", "SpanCorruption", "TaskConfig",
-    "TextFileSource", "TfdsSource", "Tokenizer", "corrupt_spans", "make_dataset", "make_iterator", "mask_tokens",
-    "random_spans_noise_mask", "span_corruption_raw_length",
-]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
@@ -16,6 +17,7 @@ RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy
                             "dropout_rate", "attention_dropout_rate", "init_std"}
                            | {f"attention_{n}" for n in KERNEL_OPTIONS})
 DTYPES = ("float32", "bfloat16", "float16")  # dtype strings; jax and flax take them as they are
+POOLINGS = ("cls", "mean", "last")  # sequence heads (t_jax/models/heads.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,12 @@ class ModelConfig:
   attention_block_k_bwd: Optional[int] = None
   attention_num_warps: Optional[int] = None  # Triton launch parameters (GPU only)
   attention_num_stages: Optional[int] = None
+  # Fine-tuning (None = off, so older configs and checkpoints mean the same): heads.py, lora.py.
+  num_classes: Optional[int] = None  # a sequence classifier replaces the LM head; 1 = regression (MSE)
+  pooling: Optional[str] = None  # 'cls' (first token + BERT pooler) | 'mean' | 'last'; None: cls for encoders, else last
+  lora_rank: Optional[int] = None  # LoRA adapters on the dense layers whose module path matches lora_targets
+  lora_alpha: Optional[float] = None  # the update is scaled by lora_alpha / lora_rank; None = lora_rank (scale 1)
+  lora_targets: Optional[str] = None  # regex searched in '/'-joined module paths; None = 'query|value'
 
   def __post_init__(self) -> None:
     """Rejects inconsistent configs early, naming the field."""
@@ -98,10 +106,25 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.window must be >= 1 or None, got {self.window}")
     if not 0.0 <= self.dropout_rate < 1.0 or not 0.0 <= self.attention_dropout_rate < 1.0:
       raise ValueError("ModelConfig dropout rates must be in [0, 1)")
+    self._check_finetuning()
     for name, value in self.attention_kernel_options.items():
       if value < 1 or (name.startswith("block") and value & (value - 1)):
         kind = "a power of two" if name.startswith("block") else ">= 1"
         raise ValueError(f"ModelConfig.attention_{name} must be {kind} or None, got {value}")
+
+  def _check_finetuning(self) -> None:
+    if self.num_classes is not None and (self.num_classes < 1 or self.architecture == "encoder_decoder"):
+      raise ValueError(f"ModelConfig.num_classes={self.num_classes} needs to be >= 1 and a one-stack architecture "
+                       f"(decoder, prefix_lm, encoder), not {self.architecture!r}")
+    if self.pooling is not None:
+      _one_of("pooling", self.pooling, POOLINGS)
+    if self.lora_rank is not None and self.lora_rank < 1:
+      raise ValueError(f"ModelConfig.lora_rank must be >= 1 or None, got {self.lora_rank}")
+    if self.lora_targets is not None:
+      try:
+        re.compile(self.lora_targets)
+      except re.error as e:
+        raise ValueError(f"ModelConfig.lora_targets={self.lora_targets!r} is not a regex: {e}") from e
 
   @property
   def attention_kernel_options(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from t_jax.models.config import ModelConfig
+from t_jax.models.lora import LoRADense, lora_settings
 
 Array = jnp.ndarray
 P = nn.with_logical_partitioning
@@ -38,14 +40,33 @@ def _logical(init: Callable, axes: tuple[str, ...]) -> Callable:
   return lambda *args, **kwargs: _Logical(init(*args, **kwargs), axes)
 
 
+def matmul_2d(x: Array, w: Array, n: int = 1) -> Array:
+  """x's last n axes contracted with w's first n, as one 2-D matmul [tokens, in] @ [in, out].
+
+  Same values as the einsum. The weight gradient of a 2-D matmul then contracts the token axis in place;
+  from the N-D form XLA CPU first copies the whole transposed [tokens, out] gradient (benchmarks/NOTES.md).
+  """
+  y = jnp.dot(x.reshape(-1, math.prod(x.shape[-n:])), w.reshape(math.prod(w.shape[:n]), -1))
+  return y.reshape(*x.shape[:-n], *w.shape[n:])
+
+
+def _dot_general_2d(x: Array, w: Array, dimension_numbers: Any, precision: Any = None) -> Array:
+  """DenseGeneral's dot_general for `dense`: trailing axes of x with leading axes of w, no batch axes."""
+  (contracting, _), _ = dimension_numbers
+  return matmul_2d(x, w, len(contracting))
+
+
 def dense(cfg: ModelConfig, features: int | Sequence[int], axes: tuple[str, ...], name: Optional[str] = None,
           in_axes: int = 1, use_bias: Optional[bool] = None) -> nn.DenseGeneral:
   """DenseGeneral contracting the last `in_axes` axes, with logical axis names on every parameter."""
   bias = cfg.use_bias if use_bias is None else use_bias
-  return nn.DenseGeneral(
-      features=features, axis=tuple(range(-in_axes, 0)), use_bias=bias, name=name,
-      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_logical(kernel_init(cfg), axes), bias_init=_logical(nn.initializers.zeros, axes[in_axes:]))
+  kw = dict(features=features, axis=tuple(range(-in_axes, 0)), use_bias=bias, name=name, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_logical(kernel_init(cfg), axes),
+            bias_init=_logical(nn.initializers.zeros, axes[in_axes:]), dot_general=_dot_general_2d)
+  if cfg.lora_rank is not None:  # the same kernel/bias, plus adapters where the path matches lora_targets
+    rank, scale, targets = lora_settings(cfg)
+    return LoRADense(**kw, lora_rank=rank, lora_scale=scale, lora_targets=targets, lora_axes=axes)
+  return nn.DenseGeneral(**kw)
 
 
 def norm(cfg: ModelConfig, name: Optional[str] = None) -> nn.Module:
@@ -110,7 +131,7 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Tied un-embedding: x @ E^T -> [batch, seq, vocab]."""
-    return jnp.einsum("bse,ve->bsv", x, jnp.asarray(self.embedding, self.cfg.dtype))
+    return matmul_2d(x, jnp.asarray(self.embedding, self.cfg.dtype).T)
 
 
 class PositionEmbed(nn.Module):

@@ -17,6 +17,7 @@ from t_jax.attention import Mask, attention
 from t_jax.models import kv_cache
 from t_jax.models import positions as pos_lib
 from t_jax.models.config import ModelConfig
+from t_jax.models.heads import ClassificationHead
 from t_jax.models.layers import MLP, Embed, PositionEmbed, activation, dense, norm, remat_policy
 
 Array = jnp.ndarray
@@ -216,25 +217,31 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if cfg.architecture not in MASK_MODES:
       raise ValueError(f"Transformer runs {tuple(MASK_MODES)}, not {cfg.architecture!r}")
-    if self.decode and cfg.architecture == "encoder":
-      raise ValueError("encoder-only models do not decode")
+    if self.decode and (cfg.architecture == "encoder" or cfg.num_classes):
+      raise ValueError("encoder-only models and sequence classifiers do not decode")
     self.token_embedding = Embed(cfg)
     self.embedder = Embedder(cfg, self.deterministic)
     stack = Stack(cfg, cfg.num_layers, MASK_MODES[cfg.architecture], deterministic=self.deterministic,
                   decode=self.decode)
     if cfg.architecture == "encoder":
       self.encoder = stack
-      if cfg.mlm_transform:
+      if cfg.mlm_transform and not cfg.num_classes:
         self.mlm_dense = dense(cfg, cfg.d_model, ("embed", "embed_out"))
         self.mlm_norm = norm(cfg)
     else:
       self.decoder = stack
-    self.head = Head(cfg)
+    if cfg.num_classes:  # fine-tuning: a sequence head (t_jax/models/heads.py) instead of the LM head
+      self.classifier = ClassificationHead(cfg, self.deterministic)
+    else:
+      self.head = Head(cfg)
 
   def __call__(self, input_ids: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, padding_mask: Optional[Array] = None,
                prefix_len: Optional[Array] = None, token_type_ids: Optional[Array] = None) -> Array:
-    """input_ids [batch, seq] -> logits [batch, seq, vocab]. Decoding needs explicit positions."""
+    """input_ids [batch, seq] -> logits [batch, seq, vocab] ([batch, num_classes] with a sequence head).
+
+    Decoding needs explicit positions.
+    """
     cfg = self.cfg
     if prefix_len is not None and cfg.architecture != "prefix_lm":
       raise ValueError(f"prefix_len needs architecture='prefix_lm', not {cfg.architecture!r}")
@@ -243,12 +250,11 @@ class Transformer(nn.Module):
     pos, seg = _inputs(input_ids, positions, segment_ids, padding_mask)
     x = self.embedder(self.token_embedding, input_ids, pos, token_type_ids)
     inputs = Inputs(pos, None if self.decode else seg, prefix_len)
-    if cfg.architecture == "encoder":
-      x = self.encoder(x, inputs)
-      if cfg.mlm_transform:
-        x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
-    else:
-      x = self.decoder(x, inputs)
+    x = self.encoder(x, inputs) if cfg.architecture == "encoder" else self.decoder(x, inputs)
+    if cfg.num_classes:
+      return self.classifier(x, seg)
+    if cfg.architecture == "encoder" and cfg.mlm_transform:
+      x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
     return self.head(x, self.token_embedding)
 
 

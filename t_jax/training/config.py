@@ -6,8 +6,10 @@ Plain frozen dataclasses: launchers fill them from gin (launch/config.py), noteb
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
+from t_jax.data.classification import Classification
 from t_jax.data.task import TaskConfig
 from t_jax.models import ModelConfig
 from t_jax.sharding import MeshConfig
@@ -32,7 +34,10 @@ class TrainConfig:
   keep_checkpoints: int = 3  # the most recent K
   keep_best: int = 0  # additionally keep the K checkpoints with the lowest eval_loss
   async_checkpoints: bool = True
-  init_from: Optional[str] = None  # workdir of converted params (DIR/config.gin + DIR/params/)
+  init_from: Optional[str] = None  # a t_jax workdir (training run or converted params) or an HF checkpoint dir
+  # Regexes over '/'-joined parameter paths; only matching leaves train (t_jax/training/finetune.py).
+  # None: everything (with ModelConfig.lora_rank: the LoRA adapters and the classification head).
+  trainable: Optional[tuple[str, ...]] = None
   label_smoothing: float = 0.0
   z_loss: float = 0.0  # weight of log(Z)^2 (PaLM's z-loss)
   on_nonfinite: str = "skip"  # a non-finite loss/gradient: 'skip' the update (counted) or 'stop'
@@ -58,6 +63,14 @@ class TrainConfig:
                        f"{self.label_smoothing}, {self.z_loss}")
     if self.on_nonfinite not in ON_NONFINITE:
       raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} is not one of {ON_NONFINITE}")
+    if self.trainable is not None:
+      object.__setattr__(self, "trainable", (self.trainable,) if isinstance(self.trainable, str)
+                         else tuple(self.trainable))
+      for pattern in self.trainable:
+        try:
+          re.compile(pattern)
+        except (re.error, TypeError) as e:
+          raise ValueError(f"TrainConfig.trainable pattern {pattern!r} is not a regex: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +124,13 @@ class Experiment:
   def __post_init__(self) -> None:
     """The objective's batches must suit the model's architecture, vocabulary and position table."""
     model, task = self.model, self.task
+    classify = isinstance(task.objective, Classification)
+    if classify and task.objective.num_classes != model.num_classes:
+      raise ValueError(f"objective Classification(num_classes={task.objective.num_classes}) needs "
+                       f"ModelConfig.num_classes={task.objective.num_classes}, got {model.num_classes}")
+    if not classify and model.num_classes is not None:
+      raise ValueError(f"ModelConfig.num_classes={model.num_classes} (a sequence head) needs the Classification "
+                       f"objective, not {type(task.objective).__name__}")
     if model.architecture not in task.objective.architectures:
       raise ValueError(f"objective {type(task.objective).__name__} needs ModelConfig.architecture in "
                        f"{task.objective.architectures}, got {model.architecture!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,11 +27,12 @@ from tqdm import tqdm
 
 from t_jax import workdir as workdir_lib
 from t_jax.data import MaskedLM, Seq2Seq, Tokenizer
+from t_jax.data.classification import Classification
 from t_jax.data.task import TaskConfig, count_tokens, make_tokenizer, ordered_batches, train_iterator
-from t_jax.models import abstract_params, build_model, count_params
+from t_jax.models import build_model, count_params
 from t_jax.sharding import MeshConfig, Partitioner
 from t_jax.training import checkpoint as ckpt
-from t_jax.training import sample
+from t_jax.training import finetune, sample
 from t_jax.training.config import Experiment, TrainConfig
 from t_jax.training.metrics import MetricWriter, log
 from t_jax.training.optim import make_optimizer, make_schedule
@@ -57,7 +60,7 @@ def preemption_signals() -> Iterator[threading.Event]:
 
   Single process only. With several processes SIGTERM is left to the jax.distributed preemption
   service (its notifier would be replaced by a Python handler), which makes all processes agree on
-  the step to save at; see `_preempted`.
+  the step to save at (see `_loop`).
   """
   stop = threading.Event()
   if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
@@ -71,54 +74,26 @@ def preemption_signals() -> Iterator[threading.Event]:
       signal.signal(s, handler)
 
 
-def _preempted(stop: threading.Event, manager: Any, step: int) -> bool:
-  if jax.process_count() > 1:  # all hosts agree on the step (jax.distributed preemption service)
-    return manager.reached_preemption(step)
-  return stop.is_set()
-
-
 def write_config(workdir: str, text: str) -> None:
   """DIR/config.gin = the run's config; a different earlier one is kept as config.gin.N (process 0 only)."""
-  if jax.process_index() != 0:
-    return
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  if jax.process_index() != 0 or (os.path.exists(path) and Path(path).read_text() == text):
+    return
   if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    n = 1
-    while os.path.exists(f"{path}.{n}"):
-      n += 1
+    n = next(n for n in itertools.count(1) if not os.path.exists(f"{path}.{n}"))
     os.replace(path, f"{path}.{n}")
     log(f"config changed since the last run; previous config kept as {path}.{n}")
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
+  Path(path + ".tmp").write_text(text)
   os.replace(path + ".tmp", path)
-
-
-def evaluate(eval_fn: Any, params: Any, task: TaskConfig, tok: Tokenizer, batch_size: int,
-             partitioner: Partitioner, limit: Optional[int], vocab_size: int) -> tuple[dict, np.ndarray]:
-  """eval_loss / eval_accuracy (/ eval_perplexity) over the eval split, and its target histogram."""
-  sums, counts = [], np.zeros(vocab_size)
-  for batch in ordered_batches(task, tok, task.eval_source, batch_size, limit):
-    sums.append(eval_fn(params, partitioner.global_batch(batch)))
-    counts += sample.target_counts([batch], vocab_size)
-  total = {k: sum(float(s[k]) for s in sums) for k in ("nll", "correct", "weight")}
-  weight = max(total["weight"], 1.0)
-  out = {"eval_loss": total["nll"] / weight, "eval_accuracy": total["correct"] / weight}
-  if not isinstance(task.objective, MaskedLM):
-    out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-  return out, counts
 
 
 def _log(writer: MetricWriter, step: int, pending: list, tokens: int, since: float) -> dict:
   """Averages the device metrics since the last log (waiting for them) and writes one row."""
   host = jax.device_get(pending)
-  seconds = time.time() - since
   row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   for k in ("skipped_steps", "consecutive_skips"):  # counters: the latest value, not the mean
     row[k] = float(host[-1][k])
-  row["tokens_per_sec"] = tokens * jax.process_count() / max(seconds, 1e-9)  # every process reads as many
+  row["tokens_per_sec"] = tokens * jax.process_count() / max(time.time() - since, 1e-9)  # all read as many
   writer.write(step, row)
   return row
 
@@ -180,9 +155,20 @@ class _Run:
   fingerprint: dict  # saved with every checkpoint
 
   def evaluate(self, params: Any) -> tuple[dict, np.ndarray]:
-    """Eval metrics and the target histogram."""
-    return evaluate(self.eval_fn, params, self.task, self.tok, self.cfg.batch_size, self.partitioner,
-                    self.cfg.eval_batches, self.vocab_size)
+    """eval_loss / eval_accuracy (/ eval_perplexity) over the eval split, and its target histogram."""
+    sums, counts = [], np.zeros(self.vocab_size)
+    for batch in ordered_batches(self.task, self.tok, self.task.eval_source, self.cfg.batch_size,
+                                 self.cfg.eval_batches):
+      sums.append(self.eval_fn(params, self.partitioner.global_batch(batch)))
+      counts += sample.target_counts([batch], self.vocab_size)
+    total = {k: sum(float(s[k]) for s in sums) for k in ("nll", "correct", "weight")}
+    weight = max(total["weight"], 1.0)
+    out = {"eval_loss": total["nll"] / weight, "eval_accuracy": total["correct"] / weight}
+    if isinstance(self.task.objective, Classification):  # accuracy, F1, MCC or Pearson/Spearman
+      out = finetune.classification_metrics(sums, self.task.objective, out)
+    elif not isinstance(self.task.objective, MaskedLM):
+      out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    return out, counts
 
 
 def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, force_unlock: bool = False,
@@ -196,12 +182,12 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
   model_cfg, cfg, task = exp.model, exp.train, exp.task
   partitioner, accum = setup_mesh(cfg, exp.mesh)
   train_model, eval_model = build_model(model_cfg, deterministic=False), build_model(model_cfg)
-  if cfg.init_from is not None:
-    ckpt.check_converted(cfg.init_from, nn.meta.unbox(abstract_params(eval_model)))
+  tuning = finetune.prepare(cfg, model_cfg)  # trainable patterns checked, init_from read: before any write
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.lock(workdir, force=force_unlock):
     tok = make_tokenizer(task, model_cfg.vocab_size, workdir)
-    tx, schedule = make_optimizer(exp.optimizer, cfg.num_steps), make_schedule(exp.optimizer, cfg.num_steps)
+    tx = make_optimizer(exp.optimizer, cfg.num_steps, tuning.trainable)
+    schedule = make_schedule(exp.optimizer, cfg.num_steps)
     init, key = make_init(eval_model, tx, length=8), jax.random.key(cfg.seed)
     abstract = jax.eval_shape(init, key)
     shardings, target = partitioner.shardings(abstract), partitioner.abstract(abstract)
@@ -216,14 +202,11 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
       return {"step": int(state["step"]), "finished": True}
     if state is None:
       state, _ = partitioner.init(init, key)
-      if cfg.init_from is not None:
-        state["params"] = workdir_lib.read_params(cfg.init_from, target["params"])
-        log(f"initialised parameters from {cfg.init_from}")
-    slots = cfg.batch_size * max(task.objective.lengths().values())
+      state["params"] = tuning.init_params(state["params"], target["params"])  # init_from, when set
     log(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
         f"parameters; objective {type(task.objective).__name__}; vocab {tok.vocab_size}; devices "
         f"{jax.device_count()}; batch {cfg.batch_size} rows{' (packed)' if task.objective.pack else ''}, "
-        f"{slots:,} token slots, {accum} microbatch(es); workdir {workdir}")
+        f"{cfg.batch_size * task.max_length:,} token slots, {accum} microbatch(es); workdir {workdir}")
     with partitioner.context():
       step_fn = jax.jit(make_train_step(train_model, tx, task.objective, cfg, schedule, accum, shardings["params"]),
                         in_shardings=(shardings, partitioner.batch_sharding),
@@ -272,7 +255,8 @@ def _loop(run: _Run, state: Any, writer: MetricWriter) -> dict:
         t_log = time.time()  # the rate counts training steps only
       if step % cfg.checkpoint_every == 0:
         ckpt.save(run.manager, step, state, run.data_it, run.fingerprint, eval_metrics)
-      if _preempted(stop, run.manager, step):
+      # With several processes, all agree on the step to stop at (jax.distributed preemption service).
+      if run.manager.reached_preemption(step) if jax.process_count() > 1 else stop.is_set():
         ckpt.save(run.manager, step, state, run.data_it, run.fingerprint)
         bar.close()
         log(f"preempted: saved a checkpoint at step {step}; re-run the same command to resume")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,8 +33,13 @@ def _decay_mask(params: optax.Params) -> optax.Params:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
-  """clip -> optimizer, wrapped in apply_if_finite (non-finite gradients skip the update, counted)."""
+def make_optimizer(cfg: OptimizerConfig, num_steps: int,
+                   trainable: Optional[Callable[[optax.Params], optax.Params]] = None) -> optax.GradientTransformation:
+  """clip -> optimizer, wrapped in apply_if_finite (non-finite gradients skip the update, counted).
+
+  `trainable` (params -> tree of bools; t_jax.training.finetune) freezes the other leaves: zero updates and no
+  optimizer state for them (the clipping norm is over the trainable gradients).
+  """
   lr = make_schedule(cfg, num_steps)
   if cfg.optimizer == "adamw":
     base = optax.adamw(lr, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
@@ -46,4 +54,7 @@ def make_optimizer(cfg: OptimizerConfig, num_steps: int) -> optax.GradientTransf
                        optax.sgd(lr, cfg.momentum or None, cfg.nesterov))
   if cfg.clip_norm is not None:
     base = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base)
+  if trainable is not None:
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+    base = optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
   return optax.apply_if_finite(base, max_consecutive_errors=NEVER)

@@ -42,7 +42,9 @@ def target_counts(batches: Iterable[dict], vocab_size: int) -> np.ndarray:
   """Weighted histogram of target ids over host batches."""
   counts = np.zeros(vocab_size, np.float64)
   for b in batches:
-    targets = b["decoder_targets"] if "decoder_targets" in b else b["targets"]
+    targets = b["decoder_targets"] if "decoder_targets" in b else b.get("targets")
+    if targets is None:  # classification batches carry labels, not tokens
+      continue
     counts += np.bincount(targets.ravel(), b["weights"].ravel(), minlength=vocab_size)[:vocab_size]
   return counts
 

@@ -17,7 +17,7 @@ import optax
 from t_jax.data import Objective
 from t_jax.models import init_boxed
 from t_jax.training.config import TrainConfig
-from t_jax.training.losses import token_losses
+from t_jax.training.finetune import eval_outputs, objective_losses
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -25,7 +25,7 @@ Batch = dict[str, jax.Array]
 
 def _rebox(value: jax.Array, box: Any) -> Any:
   """Gives an optimizer-state leaf its parameter's logical axes when it has the parameter's shape."""
-  if isinstance(box, nn.Partitioned) and value.shape == box.value.shape:
+  if isinstance(box, nn.Partitioned) and getattr(value, "shape", None) == box.value.shape:
     return box.replace_boxed(value)
   return value
 
@@ -37,7 +37,8 @@ def make_init(model: nn.Module, tx: optax.GradientTransformation, length: int) -
     param_key, step_key = jax.random.split(key)
     boxed = init_boxed(model, param_key, length)
     opt_state = tx.init(nn.meta.unbox(boxed))
-    opt_state = optax.tree_map_params(tx, _rebox, opt_state, boxed)
+    opt_state = optax.tree_map_params(tx, _rebox, opt_state, boxed,  # MaskedNode: a frozen leaf's no-state
+                                      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return {"step": jnp.zeros((), jnp.int32), "params": boxed, "opt_state": opt_state,
             "rng": jax.random.key_data(step_key)}
 
@@ -63,9 +64,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
   `param_shardings` (optional) pins the gradients to the parameters' layout (a reduce-scatter under FSDP).
   """
 
+  losses = objective_losses(objective)  # token cross-entropy; squared error for a regression head
+
   def loss_fn(params: Any, batch: Batch, key: jax.Array, total_weight: jax.Array) -> tuple[jax.Array, dict]:
     logits = _logits(model, params, objective, batch, {"dropout": key})
-    sums = token_losses(logits, batch[objective.label_key], batch["weights"], cfg.label_smoothing, cfg.z_loss)
+    sums = losses(logits, batch[objective.label_key], batch["weights"], cfg.label_smoothing, cfg.z_loss)
     return sums["loss"] / total_weight, sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -102,10 +105,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
 
 
 def make_eval_step(model: nn.Module, objective: Objective) -> Callable[[Any, Batch], dict]:
-  """eval_step(params, batch) -> summed nll, correct and weight (deterministic model)."""
+  """eval_step(params, batch) -> summed nll, correct and weight (deterministic model); classification objectives
+  also return per-row predictions, labels and row_weights (finetune.eval_outputs)."""
+  losses = objective_losses(objective)
 
   def eval_step(params: Any, batch: Batch) -> dict:
     logits = _logits(model, params, objective, batch)
-    return token_losses(logits, batch[objective.label_key], batch["weights"])
+    return {**losses(logits, batch[objective.label_key], batch["weights"]),
+            **eval_outputs(objective, logits, batch)}
 
   return eval_step
