@@ -3,6 +3,7 @@
 Smoke runs go to the temp dir instead, so CPU-sized numbers are never committed as results.
 """
 
+import json
 import os
 import re
 import tempfile
@@ -14,3 +15,11 @@ def default_out(name: str, device_kind: str, smoke: bool = False, tag: str = "")
   if smoke:
     return os.path.join(tempfile.gettempdir(), f"{name}_smoke_{device}.json")
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}{tag}_{device}.json")
+
+
+def write_json(result: dict, path: str) -> None:
+  """Writes a benchmark's result (creating its folder) and says where."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")

@@ -28,7 +28,7 @@ import jaxlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _results import default_out  # noqa: E402  (benchmarks/, the script's directory)
+from _results import default_out, write_json  # noqa: E402  (benchmarks/, the script's directory)
 
 from t_jax.attention import attention  # noqa: E402
 
@@ -221,10 +221,7 @@ def main():
       matmul_bf16_tflops=mm, best_blocks=best, results=results)
   tag = "_sweep" if args.sweep_blocks else f"_docs{args.docs}" if args.docs > 1 else ""
   path = args.out or default_out("attention", device, args.smoke, tag)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {path}")
+  write_json(out, path)
 
 
 if __name__ == "__main__":

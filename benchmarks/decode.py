@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import platform
 import sys
 import time
@@ -29,7 +27,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _results import default_out  # benchmarks/, the script's directory
+from _results import default_out, write_json  # benchmarks/, the script's directory
 
 from t_jax.inference import api
 from t_jax.models import ModelConfig, build_model, count_params, init_params
@@ -198,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
       config=dataclasses.asdict(cfg), settings={k: v for k, v in vars(args).items() if k != "out"},
       bandwidth_bytes_per_s=bandwidth, throughput=rows, speculative=spec, goals=goals, smoke=args.smoke)
   out = args.out or default_out("decode", dev.device_kind, args.smoke)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {out}")
+  write_json(result, out)
   return 0
 
 

@@ -14,8 +14,6 @@ Multi-process: pass --coordinator_address/--num_processes/--process_id or run un
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
 import sys
@@ -26,7 +24,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _results import default_out  # noqa: E402  (benchmarks/, the script's directory)
+from _results import default_out, write_json  # noqa: E402  (benchmarks/, the script's directory)
 
 from launch import flags as launch_flags  # noqa: E402  (defines the --coordinator_address/... flags)
 
@@ -163,10 +161,7 @@ def main(argv: list[str]) -> None:
       "results": results,
   }
   out = OUT.value or default_out("scaling", device.device_kind)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=1)
-  print(f"wrote {out}")
+  write_json(report, out)
 
 
 if __name__ == "__main__":

@@ -68,3 +68,24 @@ def test_scaling_benchmark_smoke(tmp_path, preset):
   (r,) = data["results"]
   assert data["device"]["count"] == 8 and data["versions"]["optax"]
   assert r["preset"] == preset and abs(r["state_fraction_per_device"] - 1 / 8) < 0.02, r
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+  data, stdout = run_script("train_step", tmp_path, "--smoke", "--configs=tiny,t5_small")
+  assert data["device"]["platform"] == "cpu" and data["versions"]["jax"] and data["threads"]["cpu_count"]
+  configs = {e["config"]: e for e in data["configs"]}
+  assert set(configs) == {"tiny", "t5_small"}
+  for e in configs.values():
+    r = e["results"]["t_jax"]
+    assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_bytes"] > 0, r
+    assert e["model_flops_per_step"] > 0 and r["matmul_flops_per_s"] > 0 and r["hlo_flops"] > 0
+  assert configs["t5_small"]["torch_note"] == "not GPT-2-style"
+  tiny = configs["tiny"]
+  if tiny["torch_note"] is None:  # torch + transformers installed: the same GPT-2 in PyTorch, and the ratio
+    assert tiny["results"]["pytorch"]["status"] == "ok" and tiny["results"]["t_jax"]["speedup_vs_torch"] > 0
+    assert tiny["results"]["pytorch"]["params"] == tiny["results"]["t_jax"]["params"]
+  else:
+    assert tiny["torch_note"].startswith("skipped") and "pytorch" not in tiny["results"]
+  assert set(data["goals"]) == {"cpu_quickstart_at_least_1.3x_torch", "cpu_quickstart_d256_at_least_1.3x_torch",
+                                "quickstart_mfu_at_least_45%"}
+  assert "goal quickstart_mfu_at_least_45%: not measured" in stdout
