@@ -27,11 +27,14 @@ setup(
         "sacrebleu>=2.4,<3",
         "matplotlib>=3.8",
         "scikit-learn>=1.4",  # fine-tuning eval metrics (F1, Matthews); brings scipy (Pearson/Spearman)
+        "tokenizers>=0.20,<1",  # the tokenizer.json of imported Hugging Face checkpoints (t_jax/data/hf_tokenizer.py)
     ],
     extras_require={
         # The CI test set: no torch (HF parity runs against committed fixtures, tests/fixtures/hf).
         # pytest 9 drops the nodeid that pytest-xdist 3.8 tags for --dist loadgroup (xdist_group marks are lost).
         "test": ["pytest>=8,<9", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # Speech (t_jax.data.audio, launch/speech_wer.py): log-mel features and word error rates; part of the CI lock.
+        "speech": ["librosa>=0.10,<0.12", "jiwer>=3.0,<5"],
         # Live Hugging Face parity (T_JAX_HF_LIVE=1), and from_hf on transformers model objects.
         "hf": ["torch>=2.4", "transformers>=5"],
         # launch.compile: the TPU compiler, no TPU needed (jax 0.10.2's own jax[tpu] pin; tested 0.0.42.1).

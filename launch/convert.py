@@ -4,8 +4,9 @@
   python -m launch.convert --from_workdir=WORKDIR --to_hf=HF_DIR [--tokenizer=spm.model]
   python -m launch.convert --from_workdir=RUN --to_workdir=OUT      # a run's params (LoRA merged) as a workdir
 
-A workdir holds config.gin (ModelConfig bindings) and params/ (Orbax); see t_jax.convert.workdir.
-The source HF config is kept as WORKDIR/hf_config.json so the reverse trip restores its special ids.
+A workdir holds config.gin (ModelConfig bindings) and params/ (Orbax); see t_jax/workdir.py.
+The source HF config is kept as WORKDIR/hf_config.json so the reverse trip restores its special ids, and its
+tokenizer files as WORKDIR/hf_tokenizer/ (`t_jax.load` returns that tokenizer; --to_hf writes it back).
 Bad input exits 2 with one `error:` line naming the file; existing outputs are only replaced with --overwrite.
 """
 
@@ -18,11 +19,14 @@ from typing import Any, Optional
 
 from absl import app, flags, logging
 
+from launch import error_line
+
 FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory (config.json + weights).")
 TO_WORKDIR = flags.DEFINE_string("to_workdir", None, "t_jax workdir to write (config.gin + params/).")
 FROM_WORKDIR = flags.DEFINE_string("from_workdir", None, "t_jax workdir to read.")
 TO_HF = flags.DEFINE_string("to_hf", None, "HF directory to write (config.json + model.safetensors).")
-TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model copied beside the HF export.")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (or HF tokenizer directory) copied beside "
+                                "the HF export; default: the workdir's hf_tokenizer/ when it has one.")
 SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Store the imported layers stacked (scan_layers=True).")
 PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16", "float16"],
                                 "Parameter dtype of the imported model.")
@@ -31,19 +35,23 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the files of an exist
 
 HF_CONFIG = "hf_config.json"
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
-WORKDIR_FILES = ("config.gin", "params", HF_CONFIG)  # what hf_to_workdir writes
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.model")  # what workdir_to_hf writes
+WORKDIR_FILES = ("config.gin", "params", HF_CONFIG, "hf_tokenizer")  # what hf_to_workdir writes
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json")  # what workdir_to_hf writes
 
 
 def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = False, param_dtype: str = "float32",
                   overwrite: bool = False) -> Path:
   """HF checkpoint directory -> t_jax workdir; returns the workdir."""
   from t_jax.convert import from_hf, write_params_workdir
+  from t_jax.data.hf_tokenizer import HF_TOKENIZER_DIR, HFTokenizer, is_hf_tokenizer_dir
 
   _refuse_existing(workdir, WORKDIR_FILES, overwrite)
   model, params = from_hf(hf_dir, overrides=dict(scan_layers=scan_layers, param_dtype=param_dtype))
+  tok = HFTokenizer.load(hf_dir) if is_hf_tokenizer_dir(hf_dir) else None  # read before anything is written
   root = write_params_workdir(workdir, model.cfg, params, overwrite=overwrite)
   (root / HF_CONFIG).write_text((Path(hf_dir) / "config.json").read_text())
+  if tok is not None:  # the checkpoint's own tokenizer: t_jax.load(workdir) returns it
+    tok.save(root / HF_TOKENIZER_DIR)
   return root
 
 
@@ -51,11 +59,10 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None,
                   overwrite: bool = False) -> Path:
   """t_jax workdir -> HF directory; special ids come from WORKDIR/hf_config.json when present."""
   from t_jax.convert import ConversionError, to_hf
+  from t_jax.models.lora import merge_lora
   from t_jax.workdir import PARAMS_DIR, params_target, read_config, read_params
 
   _refuse_existing(hf_dir, HF_FILES, overwrite)
-  from t_jax.models.lora import merge_lora
-
   cfg, _ = read_config(workdir)
   root = Path(workdir).absolute()
   try:
@@ -68,7 +75,7 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None,
       cause = cause.__cause__
     where = root / ("checkpoints" if (root / "checkpoints").is_dir() else PARAMS_DIR)
     raise ConversionError(f"{where} cannot be read (truncated or corrupt?): {type(cause).__name__}: "
-                          f"{_one_line(cause)[:300]}") from e
+                          f"{error_line(cause)[:300]}") from e
   token_ids = None
   source = Path(workdir) / HF_CONFIG
   if source.is_file():
@@ -77,6 +84,8 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, tokenizer: Optional[str] = None,
       token_ids = {k: hf[k] for k in TOKEN_FIELDS if k in hf}
     except (ValueError, TypeError) as e:
       raise ConversionError(f"{source}: invalid JSON ({e})") from e
+  if tokenizer is None and (Path(workdir) / "hf_tokenizer").is_dir():  # an imported checkpoint's tokenizer
+    tokenizer = str(Path(workdir) / "hf_tokenizer")
   return to_hf(cfg, params, hf_dir, tokenizer=tokenizer, token_ids=token_ids, dtype=dtype)
 
 
@@ -92,10 +101,6 @@ def _quiet_closed_loop(unraisable: Any) -> None:
   e = unraisable.exc_value
   if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
     sys.__unraisablehook__(unraisable)
-
-
-def _one_line(e: BaseException) -> str:
-  return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def main(argv: list[str]) -> int:
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr)
       return 2
   except (ValueError, OSError) as e:  # ConversionError is a ValueError
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    print(f"error: {error_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {out}")
   return 0

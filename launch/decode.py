@@ -22,15 +22,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from launch import error_line
-from t_jax.inference import METHODS, generate
+from t_jax.inference import CACHES, METHODS, generate
 
 
 class UsageError(ValueError):
   """A bad command line."""
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one `error:` line instead of usage + message, and no SystemExit
+class Parser(argparse.ArgumentParser):
+  """The launchers' ArgumentParser: a bad flag raises UsageError (one `error:` line, no usage, no SystemExit)."""
+
+  def error(self, message: str) -> None:
+    """Raises UsageError(message)."""
     raise UsageError(message)
 
 
@@ -81,7 +84,7 @@ def load_run(workdir: str) -> tuple[Any, Any, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """Command-line flags (UsageError on bad ones)."""
-  p = _Parser(prog="python -m launch.decode", description=__doc__.splitlines()[0])
+  p = Parser(prog="python -m launch.decode", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="Run directory to load (t_jax.load).")
   p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
   p.add_argument("--input_file", help="Prompts (or translation sources), one per line.")
@@ -95,6 +98,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--repetition_penalty", type=float, default=None, help="CTRL penalty on seen tokens (1 = off).")
   p.add_argument("--no_repeat_ngram_size", type=int, default=None, help="Never repeat an n-gram (0 = off).")
   p.add_argument("--prompt_cache", help="A t_jax.inference.save_prompt_cache file to continue from (paged cache).")
+  p.add_argument("--cache", default="contiguous", choices=CACHES, help="KV cache layout (paged: a page pool).")
+  p.add_argument("--page_size", type=int, default=16, help="Positions per page (paged cache).")
+  p.add_argument("--paged_impl", default=None, choices=("auto", "xla", "pallas"),
+                 help="Paged decode attention (default: the run's ModelConfig.paged_attention_impl).")
   p.add_argument("--num_beams", type=int, default=None)
   p.add_argument("--length_penalty", type=float, default=None, help="GNMT alpha for beam search (0.6).")
   p.add_argument("--draft_workdir", help="Draft model run for --method=speculative.")
@@ -115,6 +122,8 @@ def decode_texts(cfg: Any, params: Any, tokenizer: Any, texts: list[str], args: 
               no_repeat_ngram_size=args.no_repeat_ngram_size, pad_multiple=8)
   if args.prompt_cache:
     opts["prompt_cache"] = args.prompt_cache
+  if args.prompt_cache or args.cache == "paged":
+    opts.update(cache="paged", page_size=args.page_size, paged_impl=args.paged_impl)
   if draft is not None:
     opts.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
   outs = []
@@ -149,10 +158,7 @@ def run(args: argparse.Namespace) -> list[str]:
   cfg, params, tokenizer = load_run(args.workdir)
   if tokenizer is None:
     raise ValueError(f"{args.workdir} has no tokenizer (tokenizer.model or TaskConfig.tokenizer)")
-  draft = None
-  if args.draft_workdir:
-    dcfg, dparams, _ = load_run(args.draft_workdir)
-    draft = (dcfg, dparams)
+  draft = load_run(args.draft_workdir)[:2] if args.draft_workdir else None  # (cfg, params)
   outputs = decode_texts(cfg, params, tokenizer, texts, args, draft)
   lines = [] if args.output_file else list(outputs)
   if args.output_file:

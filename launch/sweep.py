@@ -36,7 +36,7 @@ from typing import Any, Optional
 import gin
 
 from launch import config, error_line
-from launch.decode import UsageError
+from launch.decode import Parser, UsageError
 
 NAME = re.compile(r"^[\w.+=,-]+$")  # variant names are folder names: no '/', no spaces
 COLUMNS = ("name", "bindings", "params", "steps", "wall_s", "train_loss", "eval_loss", "eval_perplexity")
@@ -356,14 +356,9 @@ def progress(i: int, n: int, metric: str, r: dict) -> str:
           + f"{metric} {value}" + (f" ({r['error']})" if r.get("error") else ""))
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> None:  # one `error:` line instead of usage + message, and no SystemExit
-    raise UsageError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   """Command-line flags (UsageError on bad ones)."""
-  p = _Parser(prog="python -m launch.sweep", description=__doc__.splitlines()[0])
+  p = Parser(prog="python -m launch.sweep", description=__doc__.splitlines()[0])
   p.add_argument("--gin_file", action="append", default=[], help="The ablation file (in . or configs/).")
   p.add_argument("--gin_bindings", action="append", default=[], help="Extra bindings, e.g. Sweep.metric='x'.")
   p.add_argument("--workdir", required=True, help="Sweep directory: DIR/<variant>, DIR/results.*.")

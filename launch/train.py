@@ -72,12 +72,9 @@ def main(argv: list[str]) -> int:
     exp = config.experiment()
     train(WORKDIR.value, exp, config_text=config.operative(), force_unlock=FORCE_UNLOCK.value,
           allow_config_change=ALLOW_CHANGE.value)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {error_line(e)}", file=sys.stderr)
-    return 2
-  except FloatingPointError as e:
-    print(f"error: {error_line(e)}", file=sys.stderr)
-    return 1
+    return 1 if isinstance(e, FloatingPointError) else 2  # 1: training diverged
   return 0
 
 

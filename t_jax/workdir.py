@@ -1,7 +1,7 @@
 """The workdir on disk, and `load`: its one config reader and its one params reader.
 
   workdir/config.gin     the run's gin config (launchers), or one `Class.field = literal` line per field
-  workdir/tokenizer.model
+  workdir/tokenizer.model  (or workdir/hf_tokenizer/: an imported HF checkpoint's tokenizer files)
   workdir/checkpoints/   train-state checkpoints <step>/{state, data} (training), or
   workdir/params/        plain params (converted or exported models: orbax StandardCheckpointer)
   workdir/run.lock       held by the live training run (host, pid, start time)
@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from t_jax.data import Tokenizer
+from t_jax.data.hf_tokenizer import HF_TOKENIZER_DIR, load_tokenizer
 from t_jax.models import ModelConfig, abstract_params, build_model
 
 CONFIG_FILE = "config.gin"
@@ -160,7 +161,9 @@ def load(workdir: str, step: Optional[int] = None) -> Loaded:
   cfg, task = read_config(workdir)
   params = read_params(workdir, params_target(cfg), step)
   path = task.get("tokenizer") or os.path.join(workdir, "tokenizer.model")
-  tok = Tokenizer.load(path, task.get("num_extra_ids", 0)) if os.path.isfile(path) else None
+  if not os.path.exists(path):  # an imported or fine-tuned HF checkpoint's tokenizer, kept beside its params
+    path = os.path.join(workdir, HF_TOKENIZER_DIR)
+  tok = load_tokenizer(path, task.get("num_extra_ids", 0)) if os.path.exists(path) else None
   return Loaded(cfg, params, tok)
 
 

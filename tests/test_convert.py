@@ -168,6 +168,23 @@ def test_t5_logits_and_generation(name):
   check(f"t5_{name}", ref, fwd(tgt), greedy_t5(fwd, len(src), int(ref["tokens"][0, 0]), tgt.shape[1]))
 
 
+@pytest.mark.parametrize("fixture", [f"{family}_{name}" for family, names in hf_fixtures.CLASSIFIERS.items()
+                                     for name in names])
+def test_sequence_classifier_logits_with_padding(fixture):
+  """Bert/GPT2/LlamaForSequenceClassification: BERT's pooler + classifier on [CLS], the decoders' bias-free score
+  on the last real token; 3 classes, and a regression head (Llama)."""
+  model, params, ref = load(fixture)
+  config = hf_config(fixture)
+  assert model.cfg.num_classes == len(config["id2label"]) and model.cfg.pooling == ("cls" if "bert" in fixture
+                                                                                     else "last")
+  kw = {"token_type_ids": ref["token_type_ids"]} if "token_type_ids" in ref else {}
+  fwd = jax.jit(lambda mask: model.apply({"params": params}, ref["input_ids"], padding_mask=mask, **kw))
+  logits = fwd(ref["attention_mask"])
+  assert logits.shape == ref["logits"].shape
+  check(fixture, ref, logits)
+  assert rel_err(fwd(np.ones_like(ref["attention_mask"])), ref["logits"]) > 1e-3  # the padding matters
+
+
 @pytest.mark.parametrize("name", sorted(hf_fixtures.LLAMA))
 def test_llama_logits_and_generation(name):
   cfg = decoder_parity(f"llama_{name}")
@@ -181,7 +198,7 @@ PRESETS = [("gpt2_small_tiny", False), ("bert_base_tiny", False), ("t5_small_tin
 # What to_hf writes differently but equivalently: GPT-2's n_inner=None means 4 * n_embd; transformers 5 writes
 # tie_word_embeddings=true for every T5 (an lm_head.weight in the file unties it), to_hf writes false; an untied
 # BERT keeps a cls.predictions.bias that forward() never reads (to_hf writes decoder.bias there).
-EXPORT_DIFFERS = {"gpt2_h3_tied": {"n_inner"}, "t5_v1_1_h5": {"tie_word_embeddings"},
+EXPORT_DIFFERS = {"gpt2_h3_tied": {"n_inner"}, "gpt2_seqcls_h3": {"n_inner"}, "t5_v1_1_h5": {"tie_word_embeddings"},
                   "bert_h5_untied": {"cls.predictions.bias"}}
 
 
@@ -239,17 +256,15 @@ def test_bad_checkpoint_names_the_tensor(tmp_path, edit, message):
     from_hf(tmp_path)
 
 
-def bert_classifier(path: Path, architectures: bool = True) -> Path:
-  """A BertForSequenceClassification checkpoint made from a BERT MLM fixture: pooler and classifier, no MLM head."""
+def bert_qa(path: Path, architectures: bool = True) -> Path:
+  """A BertForQuestionAnswering checkpoint made from a BERT MLM fixture: a span head, no MLM head."""
   copy_fixture("bert_h3_tied", path)
-  edit_config(path, architectures=["BertForSequenceClassification"] if architectures else None, num_labels=2)
+  edit_config(path, architectures=["BertForQuestionAnswering"] if architectures else None)
 
   def edit(w):
-    for name in ("weight", "bias"):
-      w[f"bert.pooler.dense.{name}"] = w.pop(f"cls.predictions.transform.dense.{name}")
     for k in [k for k in w if k.startswith("cls.")]:
       del w[k]
-    w.update({"classifier.weight": np.zeros((2, 24), np.float32), "classifier.bias": np.zeros(2, np.float32)})
+    w.update({"qa_outputs.weight": np.zeros((2, 24), np.float32), "qa_outputs.bias": np.zeros(2, np.float32)})
 
   edit_weights(path, edit)
   return path
@@ -257,11 +272,16 @@ def bert_classifier(path: Path, architectures: bool = True) -> Path:
 
 def test_unsupported_heads_are_named(tmp_path):
   with pytest.raises(ConversionError, match=r"config.json: unsupported Hugging Face architecture "
-                                            r"'BertForSequenceClassification'.*supported: BertForMaskedLM"):
-    t_jax.from_hf(bert_classifier(tmp_path / "arch"))
-  with pytest.raises(ConversionError, match=r"unsupported Hugging Face head: tensors \['classifier.bias', "
-                                            r"'classifier.weight'\] are not part of a BertForMaskedLM"):
-    from_hf(bert_classifier(tmp_path / "tensors", architectures=False))
+                                            r"'BertForQuestionAnswering'.*supported: BertForMaskedLM"):
+    t_jax.from_hf(bert_qa(tmp_path / "arch"))
+  with pytest.raises(ConversionError, match=r"unsupported Hugging Face head: tensors \['qa_outputs.bias', "
+                                            r"'qa_outputs.weight'\] are not part of a BertForMaskedLM or "
+                                            r"BertForSequenceClassification"):
+    from_hf(bert_qa(tmp_path / "tensors", architectures=False))
+  # a sequence classifier is recognised by its tensors too (config.json without `architectures`)
+  classifier = copy_fixture("bert_seqcls_h3", tmp_path / "classifier")
+  edit_config(classifier, architectures=None)
+  assert from_hf(classifier)[0].cfg.num_classes == 3
   pretraining = copy_fixture("bert_h3_tied", tmp_path / "pretraining")  # its next-sentence head is ignored
   edit_config(pretraining, architectures=["BertForPreTraining"])
   edit_weights(pretraining, lambda w: w.update({"cls.seq_relationship.weight": np.zeros((2, 24), np.float32)}))
@@ -394,17 +414,17 @@ BAD_INPUT = {
                             "TMP/hf/config.json: missing field 'hidden_size'"),
     "truncated_params": (truncated_params, "TMP/work/params cannot be read"),
     "not_a_workdir": (lambda tmp, work: [f"--from_workdir={tmp}", f"--to_hf={tmp / 'out'}"], "no config.gin in TMP"),
-    "classifier_head": (lambda tmp, work: [f"--from_hf={bert_classifier(tmp / 'hf')}", f"--to_workdir={tmp / 'w'}"],
-                        "unsupported Hugging Face architecture 'BertForSequenceClassification'"),
-    "classifier_tensors": (lambda tmp, work: [f"--from_hf={bert_classifier(tmp / 'hf', architectures=False)}",
-                                              f"--to_workdir={tmp / 'w'}"],
-                           "unsupported Hugging Face head: tensors ['classifier.bias', 'classifier.weight']"),
+    "qa_head": (lambda tmp, work: [f"--from_hf={bert_qa(tmp / 'hf')}", f"--to_workdir={tmp / 'w'}"],
+                "unsupported Hugging Face architecture 'BertForQuestionAnswering'"),
+    "qa_tensors": (lambda tmp, work: [f"--from_hf={bert_qa(tmp / 'hf', architectures=False)}",
+                                      f"--to_workdir={tmp / 'w'}"],
+                   "unsupported Hugging Face head: tensors ['qa_outputs.bias', 'qa_outputs.weight']"),
     "existing_workdir": (lambda tmp, work: [f"--from_hf={FIXTURES / 'gpt2_h3_tied'}",
                                             f"--to_workdir={shutil.copytree(work, tmp / 'work')}"],
-                         "TMP/work already holds config.gin, params, hf_config.json; pass --overwrite"),
+                         "TMP/work already holds config.gin, params, hf_config.json, hf_tokenizer; pass --overwrite"),
     "existing_hf_dir": (lambda tmp, work: [f"--from_workdir={work}",
                                            f"--to_hf={copy_fixture('gpt2_h3_tied', tmp / 'hf')}"],
-                        "TMP/hf already holds config.json, model.safetensors; pass --overwrite"),
+                        "TMP/hf already holds config.json, model.safetensors, tokenizer.json; pass --overwrite"),
 }
 
 
@@ -461,7 +481,8 @@ def test_live_transformers_loads_the_t_jax_export(hf, tmp_path, name):
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_h5_untied", "bert_h5_untied", "t5_v1_0_h3", "t5_v1_1_h5",
-                                     "t5_tied_unscaled", "llama_gqa3_tied"])
+                                     "t5_tied_unscaled", "llama_gqa3_tied", "bert_seqcls_h3", "gpt2_seqcls_h3",
+                                     "llama_seqcls_gqa3"])
 def test_live_hf_to_t_jax_to_hf_reloads_identically(hf, tmp_path, fixture):
   import torch
 

@@ -39,6 +39,8 @@ def test_outputs_one_line_per_input_and_scores(tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().out.splitlines() == [outs[2], *outs]
   assert decode.main(common + ["--prompt", "abc"]) == 0
   assert capsys.readouterr().out.splitlines() == [outs[0]]
+  assert decode.main(common + ["--prompt", "abc", "--cache", "paged", "--page_size", "3"]) == 0  # same beams
+  assert capsys.readouterr().out.splitlines() == [outs[0]]
 
 
 @pytest.mark.parametrize("argv,match", [

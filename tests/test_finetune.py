@@ -1,6 +1,7 @@
 """Fine-tuning: sequence heads and pooling, LoRA, frozen parameters, init_from, classification metrics, and a
 tiny fine-tune on Multi30K word-order acceptability against a bag-of-words baseline."""
 
+import dataclasses
 import gzip
 import json
 import re
@@ -18,10 +19,12 @@ from flax import traverse_util
 from scipy import stats
 from sklearn import metrics as skm
 
+import t_jax
 from launch import config
 from t_jax import data, load
 from t_jax.convert import from_hf
 from t_jax.data import AcceptabilitySource, Classification, TaskConfig
+from t_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from t_jax.models import ModelConfig, build_model, init_params
 from t_jax.models.heads import pool
 from t_jax.models.lora import merge_lora
@@ -29,6 +32,7 @@ from t_jax.training import Experiment, OptimizerConfig, TrainConfig, finetune, t
 from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_init, make_train_step
 from t_jax.workdir import write_params_workdir
+from tests.fixtures import make_hf_fixtures as hf_fixtures
 
 REPO = Path(__file__).resolve().parent.parent
 HF_BERT = REPO / "tests" / "fixtures" / "hf" / "bert_h3_tied"
@@ -137,15 +141,24 @@ def test_exported_lora_workdir_is_the_merged_model(tmp_path):
 # ---------------------------------------------------------------- frozen parameters
 
 
-@pytest.mark.parametrize("lora, trainable", [(False, ("norm", "^classifier/")), (True, None)])
-def test_only_the_trainable_leaves_change(lora, trainable):
+def _frozen_steps(lora, trainable, accum=1):
+  """(patterns, initial state, jitted step differentiating the trainable leaves only, the same step with full
+  gradients: the optimizer alone freezing the rest, as before #20's second part)."""
   cfg = _cfg(lora_rank=4 if lora else None)
   model, train_cfg = build_model(cfg), TrainConfig(trainable=trainable)
   patterns = finetune.trainable_patterns(train_cfg, cfg)
+  mask = finetune.trainable_mask(patterns)
   opt = OptimizerConfig(learning_rate=1e-2, weight_decay=0.1)
-  tx = make_optimizer(opt, 10, finetune.trainable_mask(patterns))
+  tx = make_optimizer(opt, 10, mask)
   state = nn.meta.unbox(make_init(model, tx, 8)(jax.random.key(0)))
-  step = jax.jit(make_train_step(model, tx, Classification(seq_len=12), train_cfg, make_schedule(opt, 10)))
+  steps = [jax.jit(make_train_step(model, tx, Classification(seq_len=12), train_cfg, make_schedule(opt, 10), accum,
+                                   trainable=t)) for t in (mask, None)]
+  return patterns, state, *steps
+
+
+@pytest.mark.parametrize("lora, trainable", [(False, ("norm", "^classifier/")), (True, None)])
+def test_only_the_trainable_leaves_change(lora, trainable):
+  patterns, state, step, _ = _frozen_steps(lora, trainable)
   before = _flat(state["params"])
   for i in range(3):  # LoRA: A gets a gradient once B has left zero
     state, _ = step(state, _batch(seed=i))
@@ -163,6 +176,30 @@ def test_only_the_trainable_leaves_change(lora, trainable):
       patterns, state["params"]))
   with pytest.raises(ValueError, match="matches no parameter"):
     finetune.summarize_trainable(("no_such_layer",), state["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora, trainable, accum", [(False, ("^classifier/",), 1), (False, ("norm", "^classifier/"), 2),
+                                                   (True, None, 1)])
+def test_frozen_leaves_cost_no_backward_and_train_as_before(lora, trainable, accum):
+  """Only the trainable leaves are differentiated: fewer flops (a frozen encoder under a new head is not
+  back-propagated through), and the same training as full gradients masked by the optimizer."""
+  patterns, init, partial, full = _frozen_steps(lora, trainable, accum)
+  flops = [step.lower(init, _batch()).compile().cost_analysis()["flops"] for step in (partial, full)]
+  assert flops[0] < (0.5 if trainable == ("^classifier/",) else 0.9) * flops[1], flops
+  a = b = init
+  for i in range(3):
+    (a, metrics_a), (b, metrics_b) = partial(a, _batch(seed=i)), full(b, _batch(seed=i))
+    assert float(metrics_a["loss"]) == pytest.approx(float(metrics_b["loss"]), rel=1e-6)
+    assert float(metrics_a["grad_norm"]) < float(metrics_b["grad_norm"])  # the trainable gradients' norm only
+  got, want, start = _flat(a["params"]), _flat(b["params"]), _flat(init["params"])
+  for k in start:
+    if any(re.search(p, k) for p in patterns):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    else:
+      assert np.array_equal(got[k], start[k]) and np.array_equal(want[k], start[k]), k  # bitwise
+  for x, y in zip(jax.tree.leaves(a["opt_state"]), jax.tree.leaves(b["opt_state"]), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- init_from
@@ -189,6 +226,29 @@ def test_init_from_restores_the_body_and_initialises_the_head(tmp_path):
   hf_flat = _flat(hf_params)
   assert set(source) == {k for k in hf_flat if not re.match(r"(head|mlm_dense|mlm_norm)/", k)}
   assert all(np.array_equal(source[k], hf_flat[k]) for k in source)
+
+
+@pytest.mark.slow
+def test_fine_tune_an_hf_bert_from_strings(tmp_path):
+  """init_from a BERT directory saved by transformers (random weights, its own WordPiece tokenizer): the run
+  reads text with that tokenizer, trains the head and the layer norms, and leaves every other pretrained leaf
+  as it was, bit for bit."""
+  texts = hf_fixtures.TOKENIZER_CORPUS
+  rows = [{"text": t, "text_pair": texts[(i + 1) % len(texts)], "label": str(i % 2)} for i, t in enumerate(texts)]
+  exp = Experiment(
+      model=from_hf(str(HF_BERT))[0].cfg.replace(num_classes=2, dropout_rate=0.0, attention_dropout_rate=0.0),
+      task=TaskConfig(objective=Classification(seq_len=32, text_pair_key="text_pair"), train_source=rows * 4,
+                      eval_source=rows, data_threads=1, prefetch=2),
+      train=TrainConfig(num_steps=4, batch_size=4, eval_every=0, checkpoint_every=4, num_samples=0,
+                        progress_bar=False, init_from=str(HF_BERT), trainable=("norm", "^classifier/")),
+      optimizer=OptimizerConfig(learning_rate=1e-2))
+  out = train(str(tmp_path / "run"), exp)
+  assert {"eval_accuracy", "eval_mcc"} <= set(out)
+  cfg, params, tok = load(str(tmp_path / "run"))
+  assert isinstance(tok, HFTokenizer) and tok.model_proto == load_tokenizer(HF_BERT).model_proto
+  before, after = _flat(from_hf(str(HF_BERT))[1]), _flat(params)
+  changed = {k for k in after if k in before and not np.array_equal(after[k], before[k])}
+  assert changed == {k for k in after if k in before and "norm" in k}  # the pretrained norms train, nothing else
 
 
 def test_cli_init_from_mismatch_is_one_error_line(tmp_path):
@@ -267,6 +327,26 @@ def test_glue_experiment_reads_tfds_records(monkeypatch):
                                            {"text": "Cat the sat.", "label": "0"}, None]
 
 
+@pytest.mark.slow
+def test_glue_through_tfds_mock_data(tmp_path):
+  """The GLUE path with TFDS's own mock data (random records shaped like glue/cola and glue/mrpc; no download):
+  sentence pairs read through TfdsClassificationSource, and a few steps of a tiny classifier with its metrics."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    mrpc = data.TfdsClassificationSource("glue/mrpc", "validation", text_key="sentence1", text_pair_key="sentence2")
+    record = mrpc[0]
+    assert set(record) == {"text", "text_pair", "label"} and record["label"] in ("0", "1")
+    config.parse(["experiments/bert_finetune_glue.gin"])
+    task = config.experiment().task
+    exp = Experiment(model=_cfg(vocab_size=128, max_len=32, num_token_types=2),
+                     task=dataclasses.replace(task, objective=Classification(seq_len=32), tokenizer=None,
+                                              tokenizer_sentences=1000, data_threads=1, prefetch=2),
+                     train=TrainConfig(num_steps=4, batch_size=8, eval_every=0, checkpoint_every=4, num_samples=0,
+                                       progress_bar=False))
+    out = train(str(tmp_path), exp)
+  assert {"eval_accuracy", "eval_f1", "eval_mcc"} <= set(out) and len(task.train_source) == 48
+
+
 def test_acceptability_source_and_experiment(shared_dir):
   if not (shared_dir / "data" / "multi30k" / "train.en.gz").exists():
     pytest.skip("no Multi30K English captions in ../shared")
@@ -316,3 +396,71 @@ def test_tiny_finetune_beats_bag_of_words(shared_dir, tmp_path):
   assert {"eval_loss", "eval_accuracy", "eval_f1", "eval_mcc"} <= set(final)
   print(f"acceptability: fine-tuned eval_accuracy {out['eval_accuracy']:.4f}, bag of words {bow:.4f}")
   assert bow < 0.56 and out["eval_accuracy"] > bow + 0.1
+
+
+# ---------------------------------------------------------------- T5 text-to-text
+
+
+def test_text_to_text_sources_and_the_glue_config(monkeypatch):
+  records = [{"sentence": b"The cat sat.", "label": np.int64(1)}, {"sentence": b"Cat the sat.", "label": np.int64(0)},
+             {"sentence": b"Unlabelled.", "label": np.int64(-1)}]
+  monkeypatch.setattr("t_jax.data.classification._tfds_data_source", lambda name, split, data_dir: records)
+  config.parse(["experiments/t5_finetune_glue.gin"])
+  exp = config.experiment()
+  assert exp.model.architecture == "encoder_decoder" and exp.train.init_from == "checkpoints/t5-v1_1-small"
+  source = exp.task.train_source
+  assert [source[i] for i in range(3)] == [{"inputs": "cola sentence: The cat sat.", "targets": "acceptable"},
+                                           {"inputs": "cola sentence: Cat the sat.", "targets": "unacceptable"}, None]
+  assert exp.task.objective.label_names == ("unacceptable", "acceptable")
+  pairs = data.TextToTextSource([{"s1": "a b", "s2": "c d", "label": "0"}], ("not_equivalent", "equivalent"),
+                                prefix="mrpc sentence1: ", pair_prefix=" sentence2: ", text_key="s1", text_pair_key="s2")
+  assert pairs[0] == {"inputs": "mrpc sentence1: a b sentence2: c d", "targets": "not_equivalent"}
+  with pytest.raises(ValueError, match="label 2 has no name"):
+    data.TextToTextSource([{"text": "x", "label": "2"}], ("no", "yes"))[0]
+
+
+@pytest.mark.slow
+def test_text_to_text_fine_tune_reports_exact_match_of_generated_labels(tmp_path):
+  """A tiny T5 trained text-to-text: eval generates each answer; eval_exact_match and the class metrics are
+  those of t_jax.generate's strings for the eval inputs."""
+  words = "a cat a dog the sun the sea two men a woman the park".split()
+  rng = np.random.default_rng(0)
+  rows = [{"text": " ".join(rng.choice(words, 5)), "label": str(i % 2)} for i in range(64)]
+  rows = [{**r, "text": r["text"] + (" red" if r["label"] == "1" else " blue")} for r in rows]
+  source = data.TextToTextSource(rows, ("no", "yes"), prefix="red: ")
+  objective = data.TextToText(inputs_len=48, targets_len=4, label_names=("no", "yes"))  # no input is cut
+  exp = Experiment(
+      model=ModelConfig(architecture="encoder_decoder", vocab_size=128, d_model=32, num_heads=4, head_dim=8,
+                        mlp_dim=64, num_layers=2, position="t5_relative", norm="rmsnorm", pre_norm=True,
+                        use_bias=False, scale_attention=False, dropout_rate=0.0),
+      task=TaskConfig(objective=objective, train_source=source, eval_source=source, data_threads=1, prefetch=2),
+      train=TrainConfig(num_steps=40, batch_size=16, eval_every=0, eval_batches=None, checkpoint_every=40,
+                        num_samples=0, progress_bar=False),
+      optimizer=OptimizerConfig(learning_rate=3e-3, schedule="constant", warmup_steps=0))
+  out = train(str(tmp_path), exp)
+  assert {"eval_exact_match", "eval_accuracy", "eval_f1", "eval_mcc", "eval_token_accuracy"} <= set(out)
+  cfg, params, tok = load(str(tmp_path))
+  predicted = t_jax.generate(cfg, params, [source[i]["inputs"] for i in range(len(source))], max_new_tokens=4,
+                             tokenizer=tok)
+  exact = np.mean([p.strip() == source[i]["targets"] for i, p in enumerate(predicted)])
+  assert out["eval_exact_match"] == pytest.approx(exact) and out["eval_accuracy"] == pytest.approx(exact)
+  y = [int(r["label"]) for r in rows]
+  pred = [{"no": 0, "yes": 1}.get(p.strip(), -1) for p in predicted]
+  assert out["eval_mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+
+
+@pytest.mark.parametrize("gin_file", ["bert_pretrain_cpu", "bert_pretrain_nsp_cpu", "acceptability_finetune_cpu",
+                                      "t5_span_corruption_cpu", "t5_finetune_acceptability_cpu"])
+def test_offline_pretrain_then_fine_tune_configs(gin_file, shared_dir):
+  """The CPU pretrain-then-fine-tune experiments build (the Multi30K ones need ../shared)."""
+  if "pretrain" not in gin_file and not (shared_dir / "data" / "multi30k" / "train.en.gz").exists():
+    pytest.skip("no Multi30K English captions in ../shared")
+  config.parse([f"experiments/{gin_file}.gin"])
+  exp = config.experiment()
+  if gin_file.startswith("bert_pretrain"):
+    assert exp.model.next_sentence == ("nsp" in gin_file) and exp.model.max_len == 64
+  elif "finetune" in gin_file:
+    assert exp.train.init_from.startswith("workdirs/") and exp.task.tokenizer is None  # init_from's tokenizer
+    source = exp.task.eval_source
+    assert len(source) == 1014 and (gin_file.startswith("acceptability") or source[0]["targets"] in (
+        "acceptable", "unacceptable"))

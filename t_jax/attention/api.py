@@ -54,7 +54,7 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias
   if implementation == "cudnn":
     # jax.nn.dot_product_attention's cuDNN path: no segment ids, prefix, positions or bias.
     if not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and bias is None
-            and not jax.tree.leaves(mask)):
+            and not jax.tree.leaves(mask) and mask.block_sparse is None):
       raise NotImplementedError("cuDNN attention needs a GPU, bf16/f16 inputs, and only causal "
                                 "or sliding-window masks")
     local = None if mask.window is None else (mask.window - 1, 0 if mask.causal else mask.window - 1)

@@ -23,9 +23,11 @@ from t_jax.convert.families import (
   check_head_tensors,
   family_for_config,
   family_for_hf,
+  hf_class_of,
   normalize_keys,
 )
 from t_jax.models import ModelConfig, abstract_params, build_model
+from t_jax.models.heads import pooling_of
 
 PyTree = Any
 Flat = dict[str, np.ndarray]
@@ -79,7 +81,8 @@ def to_hf(model_or_cfg: nn.Module | ModelConfig, params: PyTree, out_dir: str | 
   """Writes config.json + model.safetensors that `transformers` loads with `from_pretrained`.
 
   `token_ids` sets pad/bos/eos/decoder_start ids (default: the t_jax tokenizer's pad=0, eos=1);
-  `tokenizer` (a SentencePiece model) is copied beside as tokenizer.model.
+  `tokenizer` (a SentencePiece model) is copied beside as tokenizer.model; an HF tokenizer directory's files
+  (t_jax.data.hf_tokenizer) are copied as they are.
   """
   cfg = model_or_cfg if isinstance(model_or_cfg, ModelConfig) else model_or_cfg.cfg
   family = family_for_config(cfg)
@@ -90,8 +93,12 @@ def to_hf(model_or_cfg: nn.Module | ModelConfig, params: PyTree, out_dir: str | 
   weights = _to_hf(family, cfg, flat, jnp.dtype(dtype))
   fields = {**family.hf_config(cfg), **(family.token_ids if token_ids is None else token_ids), "dtype": dtype}
   out = Path(out_dir)
-  hf_io.write_dir(out, hf_io.hf_config_dict(family.model_type, family.hf_class, fields), weights)
-  if tokenizer is not None:
+  hf_io.write_dir(out, hf_io.hf_config_dict(family.model_type, hf_class_of(family, cfg), fields), weights)
+  if tokenizer is not None and Path(tokenizer).is_dir():  # an HF tokenizer's files (t_jax.data.hf_tokenizer)
+    from t_jax.data.hf_tokenizer import HFTokenizer
+
+    HFTokenizer.load(tokenizer).save(out)
+  elif tokenizer is not None:
     shutil.copyfile(tokenizer, out / "tokenizer.model")
   return out
 
@@ -108,7 +115,8 @@ def check_exportable(family: Family, cfg: ModelConfig) -> None:
 
 def _arch_fields(family: Family, cfg: ModelConfig) -> dict:
   cfg = cfg.replace(num_encoder_layers=cfg.encoder_layers,  # head_dim, num_kv_heads: resolved by ModelConfig
-                    scale_tied_logits=cfg.scale_tied_logits and cfg.tie_embeddings)
+                    scale_tied_logits=cfg.scale_tied_logits and cfg.tie_embeddings,
+                    pooling=pooling_of(cfg) if cfg.num_classes else cfg.pooling)  # None: the architecture's
   skip = RUNTIME_FIELDS | family.irrelevant
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 

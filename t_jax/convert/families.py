@@ -1,4 +1,9 @@
-"""The supported Hugging Face families (GPT-2, BERT MLM, T5 v1.0/v1.1, Llama): configs and tensor rules."""
+"""The supported Hugging Face families (GPT-2, BERT MLM, T5 v1.0/v1.1, Llama, ViT): configs and tensor rules.
+
+GPT-2, BERT and Llama also convert their *ForSequenceClassification models, to and from a t_jax model with a
+sequence head (ModelConfig.num_classes; t_jax/models/heads.py): BERT's pooler and classifier are the head's
+'cls' pooler and logits, GPT-2's and Llama's bias-free `score` reads the last real token ('last' pooling).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,33 @@ class Family:
   token_ids: dict  # special ids written by to_hf unless given (t_jax tokenizer: pad 0, eos 1)
   aliases: Callable[[ModelConfig], dict] = lambda cfg: {}  # tensors to_hf also writes: alias -> written name
   also_reads: tuple[str, ...] = ()  # other HF classes (config.json `architectures`) whose checkpoints convert
+  classifier_class: str = ""  # its *ForSequenceClassification (t_jax: ModelConfig.num_classes set)
+  input_stem: str = "tokens"  # the ModelConfig.input_stem of its models (checked before `matches`)
+
+
+def hf_class_of(family: Family, cfg: ModelConfig) -> str:
+  """The HF class a t_jax config exports to: the LM class, or the family's classifier with a sequence head."""
+  return family.classifier_class if cfg.num_classes and family.classifier_class else family.hf_class
+
+
+def _classification(hf: dict, w: Weights, tensor: str, hf_class: str, pooling: str) -> dict:
+  """num_classes and pooling of a sequence-classifier checkpoint (its output tensor's rows, else id2label when
+  config.json names the class); {} for the LM classes."""
+  if tensor in w:
+    n = int(w[tensor].shape[0])
+  elif hf_class in (hf.get("architectures") or []):
+    n = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+  else:
+    return {}
+  return dict(num_classes=n, pooling=pooling)
+
+
+def _classification_hf(cfg: ModelConfig, hf_class: str) -> dict:
+  """HF config fields of a sequence classifier: its class and labels (num_labels = len(id2label))."""
+  if not cfg.num_classes:
+    return {}
+  labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+  return dict(architectures=[hf_class], id2label=labels, label2id={v: int(k) for k, v in labels.items()})
 
 
 def tied(hf: dict, weights: Weights, head: str, embed: str) -> bool:
@@ -69,7 +101,8 @@ def _gpt2_config(hf: dict, w: Weights) -> dict:
               norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), pre_norm=True, use_bias=True,
               tie_embeddings=tied(hf, w, "lm_head.weight", "transformer.wte.weight"),
               init_std=hf.get("initializer_range", 0.02), dropout_rate=hf.get("resid_pdrop", 0.1),
-              attention_dropout_rate=hf.get("attn_pdrop", 0.1))
+              attention_dropout_rate=hf.get("attn_pdrop", 0.1),
+              **_classification(hf, w, "score.weight", "GPT2ForSequenceClassification", "last"))
 
 
 def _gpt2_hf(cfg: ModelConfig) -> dict:
@@ -77,7 +110,7 @@ def _gpt2_hf(cfg: ModelConfig) -> dict:
               n_layer=cfg.num_layers, n_positions=cfg.max_len, activation_function=c.TJ_ACTIVATIONS[cfg.activation],
               layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
               initializer_range=cfg.init_std or 0.02, resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate,
-              attn_pdrop=cfg.attention_dropout_rate)
+              attn_pdrop=cfg.attention_dropout_rate, **_classification_hf(cfg, "GPT2ForSequenceClassification"))
 
 
 def _gpt2_rules(cfg: ModelConfig) -> list[c.Rule]:
@@ -102,16 +135,21 @@ def _gpt2_rules(cfg: ModelConfig) -> list[c.Rule]:
 
 
 def _untied_head(cfg: ModelConfig, hf: str) -> list[c.Rule]:
+  """The LM head's own un-embedding (none when tied); a sequence classifier's bias-free `score` instead."""
+  if cfg.num_classes:
+    return [c.linear("score.weight", "classifier/logits/kernel", (cfg.d_model,), (cfg.num_classes,))]
   return [] if cfg.tie_embeddings else [c.linear(hf, "head/logits/kernel", (cfg.d_model,), (cfg.vocab_size,))]
 
 
 GPT2 = Family(
     model_type="gpt2", hf_class="GPT2LMHeadModel",
     matches=lambda cfg: cfg.architecture == "decoder" and cfg.position == "learned",
-    model_config=_gpt2_config, hf_config=_gpt2_hf, rules=_gpt2_rules, prefixes=("transformer.", "lm_head."),
+    model_config=_gpt2_config, hf_config=_gpt2_hf, rules=_gpt2_rules,
+    prefixes=("transformer.", "lm_head.", "score."),
     head="lm_head.weight", ignored=(r"\.attn\.(masked_)?bias$",),
     irrelevant=NO_POSITION_FIELDS | {"mlm_transform", "num_encoder_layers"},
-    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("GPT2Model",))
+    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("GPT2Model",),
+    classifier_class="GPT2ForSequenceClassification")
 
 # ---------------------------------------------------------------- BERT (masked LM)
 
@@ -128,7 +166,8 @@ def _bert_config(hf: dict, w: Weights) -> dict:
               tie_embeddings=tied(hf, w, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
               logits_bias=True, embed_norm=True, num_token_types=hf.get("type_vocab_size", 2), mlm_transform=True,
               init_std=hf.get("initializer_range", 0.02), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
-              attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1))
+              attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1),
+              **_classification(hf, w, "classifier.weight", "BertForSequenceClassification", "cls"))
 
 
 def _bert_hf(cfg: ModelConfig) -> dict:
@@ -139,7 +178,8 @@ def _bert_hf(cfg: ModelConfig) -> dict:
               hidden_act=c.TJ_ACTIVATIONS[cfg.activation], layer_norm_eps=cfg.norm_eps,
               tie_word_embeddings=cfg.tie_embeddings, type_vocab_size=cfg.num_token_types,
               initializer_range=cfg.init_std or 0.02, hidden_dropout_prob=cfg.dropout_rate,
-              attention_probs_dropout_prob=cfg.attention_dropout_rate)
+              attention_probs_dropout_prob=cfg.attention_dropout_rate,
+              **_classification_hf(cfg, "BertForSequenceClassification"))
 
 
 def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
@@ -156,6 +196,9 @@ def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
     rules += c.layer_norm(f"{hf}.attention.output.LayerNorm", f"{tj}/self_attention_norm", d)
     rules += c.mlp_rules(hf, f"{tj}/mlp", ("intermediate.dense", "output.dense"), cfg, bias=True)
     rules += c.layer_norm(f"{hf}.output.LayerNorm", f"{tj}/mlp_norm", d)
+  if cfg.num_classes:  # BertForSequenceClassification: pooler (dense + tanh on [CLS]) and classifier
+    return (rules + c.dense("bert.pooler.dense", "classifier/pooler", (d,), (d,), bias=True)
+            + c.dense("classifier", "classifier/logits", (d,), (cfg.num_classes,), bias=True))
   t = "cls.predictions.transform"
   rules += c.dense(f"{t}.dense", "mlm_dense", (d,), (d,), bias=True)
   rules += c.layer_norm(f"{t}.LayerNorm", "mlm_norm", d)
@@ -165,13 +208,15 @@ def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
 
 BERT = Family(
     model_type="bert", hf_class="BertForMaskedLM", matches=lambda cfg: cfg.architecture == "encoder",
-    model_config=_bert_config, hf_config=_bert_hf, rules=_bert_rules, prefixes=("bert.", "cls."),
+    model_config=_bert_config, hf_config=_bert_hf, rules=_bert_rules, prefixes=("bert.", "cls.", "classifier."),
     head="cls.predictions.decoder.weight",
     ignored=(r"position_ids$", r"^bert\.pooler\.", r"^cls\.seq_relationship\."),
     irrelevant=NO_POSITION_FIELDS | {"num_encoder_layers"}, token_ids=dict(pad_token_id=0),
     # Untied (transformers 5): decoder.bias is its own parameter, and the one forward() uses.
-    aliases=lambda cfg: {} if cfg.tie_embeddings else {"cls.predictions.decoder.bias": "cls.predictions.bias"},
-    also_reads=("BertForPreTraining",))  # its next-sentence head is ignored
+    aliases=lambda cfg: ({} if cfg.tie_embeddings or cfg.num_classes
+                         else {"cls.predictions.decoder.bias": "cls.predictions.bias"}),
+    also_reads=("BertForPreTraining",),  # its next-sentence head is ignored
+    classifier_class="BertForSequenceClassification")
 
 # ---------------------------------------------------------------- T5 (v1.0 and v1.1)
 
@@ -270,7 +315,8 @@ def _llama_config(hf: dict, w: Weights) -> dict:
               norm_eps=hf.get("rms_norm_eps", 1e-6), pre_norm=True, use_bias=bias, scale_attention=True,
               tie_embeddings=tied(hf, w, "lm_head.weight", "model.embed_tokens.weight"),
               init_std=hf.get("initializer_range", 0.02), dropout_rate=0.0,
-              attention_dropout_rate=hf.get("attention_dropout", 0.0))
+              attention_dropout_rate=hf.get("attention_dropout", 0.0),
+              **_classification(hf, w, "score.weight", "LlamaForSequenceClassification", "last"))
 
 
 def _llama_hf(cfg: ModelConfig) -> dict:
@@ -280,7 +326,7 @@ def _llama_hf(cfg: ModelConfig) -> dict:
               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
               hidden_act=c.TJ_ACTIVATIONS[cfg.activation], rms_norm_eps=cfg.norm_eps, attention_bias=cfg.use_bias,
               mlp_bias=cfg.use_bias, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std or 0.02,
-              attention_dropout=cfg.attention_dropout_rate)
+              attention_dropout=cfg.attention_dropout_rate, **_classification_hf(cfg, "LlamaForSequenceClassification"))
 
 
 def _llama_rules(cfg: ModelConfig) -> list[c.Rule]:
@@ -300,12 +346,83 @@ def _llama_rules(cfg: ModelConfig) -> list[c.Rule]:
 LLAMA = Family(
     model_type="llama", hf_class="LlamaForCausalLM",
     matches=lambda cfg: cfg.architecture == "decoder" and cfg.position == "rope",
-    model_config=_llama_config, hf_config=_llama_hf, rules=_llama_rules, prefixes=("model.", "lm_head."),
+    model_config=_llama_config, hf_config=_llama_hf, rules=_llama_rules, prefixes=("model.", "lm_head.", "score."),
     head="lm_head.weight", ignored=(r"rotary_emb\.inv_freq$",),
     irrelevant=frozenset({"relative_buckets", "relative_max_distance", "mlm_transform", "num_encoder_layers"}),
-    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("LlamaModel",))
+    token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("LlamaModel",),
+    classifier_class="LlamaForSequenceClassification")
 
-FAMILIES = {f.model_type: f for f in (GPT2, BERT, T5, LLAMA)}
+# ---------------------------------------------------------------- ViT (image classification)
+
+
+def _vit_config(hf: dict, w: Weights) -> dict:
+  c.require(hf, "qkv_bias", [True], True)
+  sizes = {k: hf.get(k, default) for k, default in (("image_size", 224), ("patch_size", 16))}
+  for name, value in sizes.items():  # a square image and patch: one number (or [n, n])
+    if isinstance(value, (list, tuple)):
+      if len(set(value)) != 1:
+        raise c.ConversionError(f"unsupported HF config {name}={value!r}: t_jax needs square images and patches")
+      sizes[name] = value[0]
+  labels = hf.get("id2label")
+  return dict(architecture="encoder", input_stem="patches", **sizes, num_channels=hf.get("num_channels", 3),
+              class_token=True, pooling="first", num_classes=len(labels) if labels else hf.get("num_labels", 2),
+              d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+              num_layers=hf["num_hidden_layers"], position="learned",
+              activation=c.hf_activation(hf.get("hidden_act", "gelu"), "hidden_act"), norm="layernorm",
+              norm_eps=hf.get("layer_norm_eps", 1e-12), pre_norm=True, use_bias=True, tie_embeddings=False,
+              init_std=hf.get("initializer_range", 0.02), dropout_rate=hf.get("hidden_dropout_prob", 0.0),
+              attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.0))
+
+
+def _vit_hf(cfg: ModelConfig) -> dict:
+  from t_jax.models.heads import pooling_of
+
+  if pooling_of(cfg) != "first":
+    raise c.ConversionError(f"HF ViTForImageClassification reads the class token: ModelConfig.pooling="
+                            f"{cfg.pooling!r} cannot be expressed")
+  labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+  return dict(hidden_size=cfg.d_model, num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+              num_hidden_layers=cfg.num_layers, image_size=cfg.image_size, patch_size=cfg.patch_size,
+              num_channels=cfg.num_channels, hidden_act=c.TJ_ACTIVATIONS[cfg.activation], layer_norm_eps=cfg.norm_eps,
+              qkv_bias=True, initializer_range=cfg.init_std or 0.02, hidden_dropout_prob=cfg.dropout_rate,
+              attention_probs_dropout_prob=cfg.attention_dropout_rate, id2label=labels,
+              label2id={v: int(k) for k, v in labels.items()})
+
+
+def _patch_conv(hf: str, tj: str, d: int, channels: int, p: int) -> c.Rule:
+  """Conv2d weight [embed, channels, p, p] (kernel = stride = p) <-> the patch dense kernel [p, p, channels, embed]."""
+  return c.Rule((hf,), (tj,), ((d, channels, p, p),), lambda a: [a[0].transpose(2, 3, 1, 0)],
+                lambda a: [a[0].transpose(3, 2, 0, 1)])
+
+
+def _vit_rules(cfg: ModelConfig) -> list[c.Rule]:
+  d, e, n = cfg.d_model, "vit.embeddings", cfg.num_patches + 1
+  rules = [c.reshape(f"{e}.cls_token", "embedder/class_token", (1, 1, d), (d,)),
+           c.reshape(f"{e}.position_embeddings", "embedder/position_embedding", (1, n, d), (n, d)),
+           _patch_conv(f"{e}.patch_embeddings.projection.weight", "embedder/patch_embedding/kernel", d,
+                       cfg.num_channels, cfg.patch_size),
+           c.copy(f"{e}.patch_embeddings.projection.bias", "embedder/patch_embedding/bias", (d,))]
+  for i in range(cfg.num_layers):
+    hf, tj = f"vit.encoder.layer.{i}", f"encoder/layer_{i}"
+    rules += c.layer_norm(f"{hf}.layernorm_before", f"{tj}/self_attention_norm", d)
+    rules += c.attention_rules(f"{hf}.attention", f"{tj}/self_attention",
+                               ("attention.query", "attention.key", "attention.value", "output.dense"), cfg, bias=True)
+    rules += c.layer_norm(f"{hf}.layernorm_after", f"{tj}/mlp_norm", d)
+    rules += c.mlp_rules(hf, f"{tj}/mlp", ("intermediate.dense", "output.dense"), cfg, bias=True)
+  rules += c.layer_norm("vit.layernorm", "encoder/final_norm", d)
+  return rules + c.dense("classifier", "classifier/logits", (d,), (cfg.num_classes,), bias=True)
+
+
+VIT = Family(
+    model_type="vit", hf_class="ViTForImageClassification",
+    matches=lambda cfg: cfg.architecture == "encoder", input_stem="patches",
+    model_config=_vit_config, hf_config=_vit_hf, rules=_vit_rules, prefixes=("vit.", "classifier."),
+    head="classifier.weight", ignored=(),
+    irrelevant=NO_POSITION_FIELDS | {"vocab_size", "max_len", "mlm_transform", "num_encoder_layers", "tie_embeddings",
+                                     "pooling"},
+    token_ids={})
+
+FAMILIES = {f.model_type: f for f in (GPT2, BERT, T5, LLAMA, VIT)}
 
 
 def family_for_hf(hf: dict) -> Family:
@@ -318,13 +435,13 @@ def family_for_hf(hf: dict) -> Family:
 
 def supported_classes() -> str:
   """The HF model classes whose checkpoints from_hf converts, comma-separated (base models when tied)."""
-  return ", ".join(sorted(n for f in FAMILIES.values() for n in (f.hf_class, *f.also_reads)))
+  return ", ".join(sorted(n for f in FAMILIES.values() for n in (f.hf_class, *f.also_reads, f.classifier_class) if n))
 
 
 def check_architectures(family: Family, hf: dict) -> None:
   """Raises, naming it, when config.json `architectures` lists a model class `family` does not convert."""
   for name in hf.get("architectures") or []:
-    if name not in (family.hf_class, *family.also_reads):
+    if name not in (family.hf_class, *family.also_reads, family.classifier_class):
       raise c.ConversionError(f"unsupported Hugging Face architecture {name!r}; supported: {supported_classes()}")
 
 
@@ -334,14 +451,16 @@ def check_head_tensors(family: Family, weights: Weights) -> None:
     return  # T5 has no prefixes; a bare base model's keys have none
   foreign = sorted(k for k in weights if not k.startswith(family.prefixes))
   if foreign:
+    owner = " or ".join(n for n in (family.hf_class, family.classifier_class) if n)
     raise c.ConversionError(f"unsupported Hugging Face head: tensors {foreign[:3]}{' ...' if len(foreign) > 3 else ''}"
-                            f" are not part of a {family.hf_class}; supported: {supported_classes()}")
+                            f" are not part of a {owner}; supported: {supported_classes()}")
 
 
 def family_for_config(cfg: ModelConfig) -> Family:
   """The HF family a t_jax config exports to; configs no family can express raise."""
   for family in FAMILIES.values():
-    if family.matches(cfg):
+    if family.input_stem == cfg.input_stem and family.matches(cfg):
       return family
   raise c.ConversionError(f"no Hugging Face family for ModelConfig(architecture={cfg.architecture!r}, "
-                          f"position={cfg.position!r}); supported: gpt2, bert, t5, llama")
+                          f"position={cfg.position!r}, input_stem={cfg.input_stem!r}); supported: "
+                          f"{', '.join(FAMILIES)}")

@@ -51,10 +51,35 @@ deterministic and resumable. train=False is one ordered pass whose last batch is
 
 Fine-tuning (classification.py): Classification(seq_len, num_classes, text_key, text_pair_key) rows of
 inputs/segment_ids/positions [B, L], label [B], weights [B]; AcceptabilitySource (word-order acceptability
-from a sentence-per-line file) and TfdsClassificationSource (e.g. glue/cola).
+from a sentence-per-line file) and TfdsClassificationSource (e.g. glue/cola). T5 text-to-text: TextToTextSource
+(labels as target strings) and TextToText (Seq2Seq evaluated by generation: exact match, class metrics).
+BERT pre-training (nsp.py): NextSentenceSource (sentence pairs from the CPython docs, half of them random) and
+BertPretraining (MaskedLM on the pair + next-sentence prediction; ModelConfig.next_sentence).
+
+Tokenizers of imported checkpoints (hf_tokenizer.py): load_tokenizer(path) reads an HF directory's tokenizer.json
+(the `tokenizers` library) or SentencePiece model as an HFTokenizer, with this Tokenizer's interface.
+
+Images (images.py): ImageClassification(image_size, num_channels, num_classes, augment) rows of image
+[B, H, W, C] float32, label [B], weights [B], no tokenizer; DigitsSource (scikit-learn's 8x8 digits, offline) and
+TfdsImageSource (mnist, cifar10, imagenet2012).
+
+Speech (audio.py, the `speech` extra): SpeechToText(max_frames, targets_len, n_mels) rows of encoder_inputs
+[B, F, n_mels] float32 log-mel frames (log_mel: librosa, 25 ms window, 10 ms hop) and encoder_segment_ids [B, F],
+with Seq2Seq's decoder keys; SpeechCorpusSource (an espeak-ng corpus from launch/make_speech_corpus.py, offline)
+and TfdsSpeechSource (librispeech).
 """
 
-from t_jax.data.classification import AcceptabilitySource, Classification, TfdsClassificationSource
+from t_jax.data.audio import SpeechCorpusSource, SpeechToText, TfdsSpeechSource, log_mel
+from t_jax.data.classification import (
+    AcceptabilitySource,
+    Classification,
+    TextToText,
+    TextToTextSource,
+    TfdsClassificationSource,
+)
+from t_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from t_jax.data.images import DigitsSource, ImageClassification, TfdsImageSource
+from t_jax.data.nsp import BertPretraining, NextSentenceSource
 from t_jax.data.objectives import (
     CausalLM,
     MaskedLM,

@@ -17,16 +17,26 @@ Sources (records {text, [text_pair,] label}, all strings like every source's rec
       Seeded per line, so a file always gives the same examples.
   TfdsClassificationSource(name, split, text_key="sentence", ...)  e.g. glue/cola; records whose label is
       negative (GLUE's unlabelled test splits) are skipped.
+
+Text-to-text (T5, Raffel et al. 2019): every task is Seq2Seq from a prefixed input string to a target string.
+  TextToTextSource(source, label_names=("unacceptable", "acceptable"), prefix="cola sentence: ",
+      pair_prefix=None)  a labelled source's records as {'inputs': prefix + text [+ pair_prefix + text_pair],
+      'targets': label_names[label]} (MRPC: prefix "mrpc sentence1: ", pair_prefix " sentence2: ").
+  TextToText(inputs_len=128, targets_len=8, label_names=(...))  Seq2Seq (same rows and batch keys) whose eval
+      also generates: greedy decoding of every eval input, eval_exact_match = decoded text == target string,
+      and with label_names eval_accuracy / eval_f1 / eval_mcc over the class each string names (a string that
+      names none is wrong). eval_loss / eval_token_accuracy stay teacher-forced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Optional
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from t_jax.data.objectives import Objective, Row
+from t_jax.data.objectives import Objective, Row, Seq2Seq
 from t_jax.data.sources import Counts, Example, InMemorySource, TextFileSource, _decode, _tfds_data_source
 from t_jax.data.tokenizer import Tokenizer
 
@@ -169,3 +179,50 @@ class TfdsClassificationSource:
   def stats(self) -> dict[str, int]:
     """Records, plus those found empty or undecodable so far."""
     return {"documents": len(self), **self.counts.as_dict()}
+
+
+class TextToTextSource:
+  """A labelled source's records as text-to-text pairs {'inputs': ..., 'targets': a label name} (module docstring)."""
+
+  def __init__(self, source: Sequence, label_names: Sequence[str], *, prefix: str = "",
+               pair_prefix: Optional[str] = None, text_key: str = "text", text_pair_key: str = "text_pair",
+               label_key: str = "label") -> None:
+    if not label_names:
+      raise ValueError("TextToTextSource.label_names: the target string of each class, e.g. ('negative', 'positive')")
+    self.source, self.label_names = source, tuple(label_names)
+    self.prefix, self.pair_prefix = prefix, pair_prefix
+    self.text_key, self.text_pair_key, self.label_key = text_key, text_pair_key, label_key
+    self.name = f"TextToTextSource({getattr(source, 'name', type(source).__name__)}, prefix={prefix!r})"
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> Optional[Example]:
+    record = self.source[index]
+    if record is None:
+      return None
+    label = int(record[self.label_key])
+    if not 0 <= label < len(self.label_names):
+      raise ValueError(f"{self.name}: label {label} has no name in label_names={self.label_names}")
+    inputs = self.prefix + record[self.text_key]
+    if self.pair_prefix is not None:
+      inputs += self.pair_prefix + record[self.text_pair_key]
+    return {"inputs": inputs, "targets": self.label_names[label]}
+
+  @property
+  def stats(self) -> dict[str, Any]:
+    """The wrapped source's counts."""
+    return getattr(self.source, "stats", {"documents": len(self)})
+
+
+@dataclasses.dataclass
+class TextToText(Seq2Seq):
+  """Seq2Seq to target strings, evaluated by generation: exact match and, with label_names, class metrics."""
+
+  inputs_len: int = 128
+  targets_len: int = 8
+  label_names: tuple[str, ...] = ()  # the target strings of the classes (class metrics); () = exact match only
+
+  def __post_init__(self) -> None:
+    self.label_names = tuple(self.label_names)
+

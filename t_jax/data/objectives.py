@@ -110,6 +110,7 @@ class Objective:
 
   architectures: ClassVar[tuple[str, ...]] = ()  # ModelConfig.architecture values it can train
   label_key: ClassVar[str] = "targets"  # batch key of the prediction targets (weights: "weights")
+  uses_tokenizer: ClassVar[bool] = True  # False: no tokenizer is trained or read (image classification)
   pack: bool = True
   counts: Counts = dataclasses.field(default_factory=Counts, repr=False, compare=False)
 
@@ -125,6 +126,11 @@ class Objective:
     """Raises ValueError when the tokenizer or settings cannot serve this objective."""
     if min(self.lengths().values()) < 2:
       raise ValueError(f"{type(self).__name__}: sequence lengths must be >= 2, got {self.lengths()}")
+
+  def for_stream(self, train: bool) -> Objective:
+    """The objective as a training (True) or evaluation stream applies it (e.g. without train-time augmentation)."""
+    del train
+    return self
 
   def examples(self, example: Example, rng: np.random.Generator, tokenizer: Tokenizer) -> list[Row]:
     """Variable-length rows (at most `lengths()`) made from one source example."""

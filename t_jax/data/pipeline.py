@@ -38,6 +38,7 @@ def make_dataset(source: Sequence, tokenizer: Tokenizer, objective: Objective, *
   train=False is one ordered pass whose last batch is padded with zero-weight rows.
   This process reads only elements shard_index, shard_index + shard_count, ... of the source.
   """
+  objective = objective.for_stream(train)
   objective.check(tokenizer)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")

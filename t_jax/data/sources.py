@@ -233,8 +233,8 @@ class TextFileSource(InMemorySource):
   "\\r" before it is stripped); blank lines are dropped and counted "empty" at index time, so
   stats["documents"] counts the indexed lines; a line that turns out undecodable or (Unicode)
   whitespace-only gives None and, like truncations, is counted once when first read (as TfdsSource).
-  `.gz` files (no random access) and per_line=False (one document per file) are read into memory: when
-  any matched file is `.gz`, or per_line=False, the whole source is (lines split with bytes.splitlines).
+  If any matched file is `.gz` (no random access), or per_line=False (one document per file), the whole
+  source is read into memory (lines split with bytes.splitlines).
   Documents are cut at `max_chars` characters (counted "truncated"); an indexed line is read only that far
   (so a line whose first 4 * max_chars bytes are blank reads as empty). A matched directory is an error.
   """

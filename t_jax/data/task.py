@@ -13,6 +13,7 @@ import grain
 import jax
 import numpy as np
 
+from t_jax.data.hf_tokenizer import load_tokenizer
 from t_jax.data.objectives import CausalLM, Objective, PrefixLM
 from t_jax.data.pipeline import make_dataset
 from t_jax.data.tokenizer import Tokenizer, VocabularyTooSmall
@@ -29,7 +30,9 @@ class TaskConfig:
   objective: Optional[Objective] = None  # e.g. CausalLM(seq_len=128)
   train_source: Optional[Sequence] = None  # e.g. PydocSource("train")
   eval_source: Optional[Sequence] = None  # None: no evaluation
-  tokenizer: Optional[str] = None  # an existing SentencePiece model; None: train DIR/tokenizer.model
+  # A SentencePiece model, or an HF checkpoint's tokenizer (its directory or tokenizer.json; hf_tokenizer.py);
+  # None: train DIR/tokenizer.model.
+  tokenizer: Optional[str] = None
   vocab_size: Optional[int] = None  # tokenizer size incl. extra ids; None = ModelConfig.vocab_size
   num_extra_ids: int = 0  # T5 sentinels
   tokenizer_type: str = "unigram"  # or 'bpe'
@@ -60,16 +63,21 @@ class TaskConfig:
   @property
   def max_length(self) -> int:
     """Longest sequence the objective produces."""
-    return max(self.objective.lengths().values())
+    return max(self.objective.lengths().values(), default=0)  # 0: no sequence features (images)
 
 
-def make_tokenizer(task: TaskConfig, model_vocab: int, workdir: str) -> Tokenizer:
-  """check_sources, then loads TaskConfig.tokenizer or trains (first run) / reloads DIR/tokenizer.model."""
+def make_tokenizer(task: TaskConfig, model_vocab: int, workdir: str) -> Optional[Tokenizer]:
+  """check_sources, then loads TaskConfig.tokenizer or trains (first run) / reloads DIR/tokenizer.model.
+
+  None for objectives without text (Objective.uses_tokenizer False: image classification).
+  """
   check_sources(task)
+  if not task.objective.uses_tokenizer:
+    return None
   if task.tokenizer is not None:
     if not os.path.exists(task.tokenizer):
       raise ValueError(f"TaskConfig.tokenizer={task.tokenizer!r} does not exist")
-    tok = Tokenizer.load(task.tokenizer, task.num_extra_ids)
+    tok = load_tokenizer(task.tokenizer, task.num_extra_ids)  # t_jax SentencePiece, or an HF checkpoint's
   else:
     tok = _train_tokenizer(task, model_vocab, os.path.join(workdir, "tokenizer.model"))
   if tok.vocab_size > model_vocab:
@@ -155,6 +163,8 @@ def ordered_batches(task: TaskConfig, tok: Tokenizer, source: Sequence, batch_si
 
 
 def count_tokens(batch: Batch) -> int:
-  """Non-padding tokens the model reads in a host batch (encoder + decoder for seq2seq)."""
+  """Non-padding tokens the model reads in a host batch (encoder + decoder for seq2seq; images: real rows)."""
+  if "image" in batch:
+    return int(np.count_nonzero(batch["weights"]))
   keys = ("encoder_segment_ids", "decoder_segment_ids") if "encoder_inputs" in batch else ("segment_ids",)
   return int(sum(np.count_nonzero(batch[k]) for k in keys))

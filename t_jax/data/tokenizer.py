@@ -39,10 +39,11 @@ def _pieces(line: str, max_chars: int) -> Iterator[str]:
 
 
 def _training_sentences(source: Sequence, max_sentences: int, max_chars: int) -> Iterator[str]:
-  """Up to max_sentences non-empty lines (long ones cut in max_chars pieces) from a strided sample."""
+  """Up to max_sentences non-empty lines (long ones cut in max_chars pieces) from a strided sample; a record's
+  values that are not text (audio samples) are left out."""
   stride = max(1, len(source) // max_sentences)
   pieces = (piece for i in range(0, len(source), stride) for text in (source[i] or {}).values()
-            for line in text.splitlines() if line.strip() for piece in _pieces(line, max_chars))
+            if isinstance(text, str) for line in text.splitlines() if line.strip() for piece in _pieces(line, max_chars))
   return itertools.islice(pieces, max_sentences)
 
 

@@ -50,21 +50,24 @@ def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, le
             rng: jax.Array, pages: Optional[dict] = None) -> tuple[jax.Array, jax.Array, dict]:
   """The whole generation (prefill + loop) as one XLA program; `pages` (from _paged) for a paged cache."""
   common = dict(max_new_tokens=plan.max_new_tokens, eos_id=plan.eos_id, pad_id=plan.pad_id)
+  paged = draft_paged = None
   if pages is not None:
-    cache = plan.target.empty_pages(params, ids.shape[0])
+    cache = plan.target.empty_pages(params, ids.shape[0], ids.shape[1])
     if pages["prefix_k"] is not None:  # a prompt cache: written once, its partial page copied per row
       cache = paged_lib.write_pages(cache, pages["prefix_pages"], pages["prefix_k"], pages["prefix_v"])
       cache = paged_lib.copy_pages(cache, pages["copy_src"], pages["copy_dst"])
-    paged = dict(cache=cache, table=pages["table"], start=pages["start"])
-    return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty,
-                       paged=paged, **common)
+    paged = dict(cache=cache, table=pages["table"], start=pages["start"], own=pages["own"])
+    if plan.draft is not None:  # the draft's own pool, on the same page tables
+      draft_paged = dict(paged, cache=plan.draft.empty_pages(draft_params, ids.shape[0], ids.shape[1]))
   if plan.method == "speculative":
     return speculative_loop(plan.target, plan.draft, params, draft_params, ids, lengths, rng,
-                            sampler=plan.sampler, num_draft=plan.num_draft, **common)
+                            sampler=plan.sampler, num_draft=plan.num_draft, paged=paged, draft_paged=draft_paged,
+                            **common)
   if plan.method == "beam":
     return beam_search(plan.target, params, ids, lengths, num_beams=plan.num_beams, alpha=plan.length_penalty,
-                       penalty=plan.penalty, **common)
-  return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty, **common)
+                       penalty=plan.penalty, paged=paged, **common)
+  return sample_loop(plan.target, params, ids, lengths, rng, sampler=plan.sampler, penalty=plan.penalty,
+                     paged=paged, **common)
 
 
 def _is_text(prompts: Any) -> bool:
@@ -171,6 +174,9 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
   cfg = _config(model_or_cfg)
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+  if method == "speculative" and cfg.attention_kind in ("performer", "rfa"):
+    raise ValueError(f"method='speculative' rewinds a KV cache; attention_kind={cfg.attention_kind!r} decodes "
+                     "from a recurrent state that cannot rewind (use 'greedy', 'sample' or 'beam')")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   rows = _rows(prompt_tokens, pad_id)
@@ -218,35 +224,45 @@ def prepare(model_or_cfg: Any, prompt_tokens: Any, max_new_tokens: int, method: 
 
 
 def _paged(plan: Plan, ids: np.ndarray, lengths: np.ndarray, params: PyTree, page_size: int,
-           num_pages: Optional[int], prompt_cache: Optional[str], tokenizer: Any) -> tuple:
+           num_pages: Optional[int], prompt_cache: Optional[str], tokenizer: Any,
+           paged_impl: Optional[str]) -> tuple:
   """A request moved onto a paged cache: (plan, ids and lengths of the tokens to compute, pages for _decode).
 
-  Rows that share a prefix with the prompt cache read its full pages and copy its partial one.
+  Rows that share a prefix with the prompt cache read its full pages and copy its partial one. Decoder
+  prompts are the rows; an encoder-decoder model pages its decoder (rows: the start token), not the source.
   """
   cfg = plan.target.cfg
-  if plan.method not in ("greedy", "sample") or cfg.architecture == "encoder_decoder":
-    raise ValueError(f"the paged cache runs method='greedy' or 'sample' on decoder / prefix_lm models, not "
-                     f"method={plan.method!r} on {cfg.architecture!r}")
-  if prompt_cache is not None and plan.penalty.active:
-    raise ValueError("repetition_penalty / no_repeat_ngram_size are not supported with prompt_cache=")
+  seq2seq = cfg.architecture == "encoder_decoder"
+  if prompt_cache is not None and (plan.penalty.active or plan.method == "speculative" or seq2seq):
+    raise ValueError("prompt_cache= continues decoder / prefix-LM models with method='greedy', 'sample' or "
+                     "'beam', without repetition_penalty / no_repeat_ngram_size")
   if not isinstance(page_size, (int, np.integer)) or page_size < 1:
     raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+  if paged_impl is not None:
+    target = dataclasses.replace(plan.target, cfg=cfg.replace(paged_attention_impl=paged_impl))
+    draft = plan.draft and dataclasses.replace(plan.draft, cfg=plan.draft.cfg.replace(paged_attention_impl=paged_impl))
+    plan = dataclasses.replace(plan, target=target, draft=draft)
   prefix = None if prompt_cache is None else prompt_cache_lib.load_prompt_cache(prompt_cache, cfg, params, tokenizer)
   width = ids.shape[1]
-  rows = [r[width - n:].tolist() for r, n in zip(ids, lengths)]
-  p = paged_lib.plan_rows(rows, plan.max_new_tokens, page_size, num_pages, prefix.tokens if prefix else ())
-  rest = [r[s:] for r, s in zip(rows, p["start"])]
-  ids = np.full((len(rest), max(map(len, rest))), plan.pad_id, np.int32)
-  for i, r in enumerate(rest):
-    ids[i, ids.shape[1] - len(r):] = r
-  pages = {k: p[k] for k in ("table", "start", "prefix_pages", "copy_src", "copy_dst")}
+  rows = [[plan.target.start_id]] * len(lengths) if seq2seq else [r[width - n:].tolist() for r, n in zip(ids, lengths)]
+  extra = plan.num_draft + 1 if plan.method == "speculative" else 0
+  beams = plan.num_beams if plan.method == "beam" else 1
+  p = paged_lib.plan_rows(rows, plan.max_new_tokens, page_size, num_pages, prefix.tokens if prefix else (),
+                          extra=extra, beams=beams)
+  if not seq2seq:  # the tokens after each row's shared prefix
+    rest = [r[s:] for r, s in zip(rows, p["start"])]
+    ids = np.full((len(rest), max(map(len, rest))), plan.pad_id, np.int32)
+    for i, r in enumerate(rest):
+      ids[i, ids.shape[1] - len(r):] = r
+    lengths = np.asarray(list(map(len, rest)), np.int32)
+  pages = {k: p[k] for k in ("table", "start", "prefix_pages", "copy_src", "copy_dst", "own")}
   pages["prefix_k"] = pages["prefix_v"] = None
   if prefix is not None:
     pad = ((0, 0), (0, len(p["prefix_pages"]) * page_size - len(prefix.tokens)), (0, 0), (0, 0))
     pages["prefix_k"], pages["prefix_v"] = np.pad(prefix.k, pad), np.pad(prefix.v, pad)
-  target = dataclasses.replace(plan.target, page_size=page_size, num_pages=p["num_pages"],
-                               max_pages=p["table"].shape[1])
-  return dataclasses.replace(plan, target=target), ids, np.asarray(list(map(len, rest)), np.int32), pages
+  on_pages = lambda r: r and dataclasses.replace(r, page_size=page_size, num_pages=p["num_pages"],
+                                                 max_pages=p["table"].shape[1])
+  return dataclasses.replace(plan, target=on_pages(plan.target), draft=on_pages(plan.draft)), ids, lengths, pages
 
 
 def _encode(model_or_cfg: Any, prompts: Any, tokenizer: Any, options: dict) -> tuple[Any, dict, Any]:
@@ -287,7 +303,8 @@ def _finish(outputs: tuple, batch: int, return_scores: bool, return_stats: bool,
 def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_tokens: int = 32,
              method: str = "greedy", *, seed: int = 0, return_scores: bool = False, return_stats: bool = False,
              tokenizer: Any = None, cache: Optional[str] = None, page_size: int = 16,
-             num_pages: Optional[int] = None, prompt_cache: Optional[str] = None, **options: Any) -> Any:
+             num_pages: Optional[int] = None, prompt_cache: Optional[str] = None, paged_impl: Optional[str] = None,
+             **options: Any) -> Any:
   """Generates up to max_new_tokens per prompt: token ids [batch, max_new_tokens] (numpy), or text.
 
   prompt_tokens: a list of token-id lists (or one list), or a padded integer array (pad_id stripped);
@@ -306,10 +323,14 @@ def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_toke
   Rows end with eos_id (None: never); later slots hold pad_id. Also: cache_len, pad_multiple
   (prompt width rounding, fewer recompilations). return_scores adds per-row scores (raw log-prob
   sum; beam: length-penalised score); return_stats adds a dict (steps, speculative acceptance).
-  cache='paged' (greedy / sample on decoder and prefix-LM models) keeps the KV cache in pages of
-  page_size positions, a pool of num_pages (default: exactly what the request needs; too few raise
-  paged.PoolExhausted). prompt_cache= (a file from save_prompt_cache, implies cache='paged') continues
-  from its saved KV: rows that start with its prompt do not recompute it and share its full pages.
+  cache='paged' (every method and architecture) keeps the self-attention KV cache in pages of page_size
+  positions, a pool of num_pages (default: exactly what the request needs; too few raise
+  paged.PoolExhausted); beams share their prompt's pages. paged_impl ('auto' | 'xla' | 'pallas', default
+  the config's paged_attention_impl) picks the decode-step attention: 'xla' gathers each row's pages,
+  'pallas' runs t_jax/kernels/paged_attention.py ('auto': XLA on device kinds the kernel never ran on).
+  prompt_cache= (a file from save_prompt_cache, implies cache='paged'; decoder / prefix-LM models, not
+  speculative) continues from its saved KV: rows that start with its prompt do not recompute it and share
+  its full pages.
   """
   if (cache or "contiguous") not in CACHES:
     raise ValueError(f"unknown cache {cache!r}; choose from {CACHES}")
@@ -318,9 +339,14 @@ def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_toke
   prompt_tokens, options, decode = _encode(model_or_cfg, prompt_tokens, tokenizer, options)
   plan, ids, lengths = prepare(model_or_cfg, prompt_tokens, max_new_tokens, method, **options)
   params, pages = nn.meta.unbox(params), None
+  if (cache == "paged" or prompt_cache is not None) and plan.target.cfg.attention_kind in ("performer", "rfa"):
+    raise ValueError(f"attention_kind={plan.target.cfg.attention_kind!r} decodes from a recurrent state, not a "
+                     "KV cache: cache='paged' and prompt_cache= do not apply")
   if cache == "paged" or prompt_cache is not None:
     plan, ids, lengths, pages = _paged(plan, ids, lengths, params, page_size, num_pages, prompt_cache,
-                                       tokenizer)
+                                       tokenizer, paged_impl)
+  elif paged_impl is not None:
+    raise ValueError("paged_impl= applies to cache='paged'")
   draft_params = None if plan.draft is None else nn.meta.unbox(options["draft"][1])
   out = _decode(plan, params, draft_params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
                 pages)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-BATCH_AXIS = {"k": -4, "v": -4, "cross_k": -4, "cross_v": -4, "pos": -2, "index": -1}
+BATCH_AXIS = {"k": -4, "v": -4, "cross_k": -4, "cross_v": -4, "pos": -2, "index": -1,
+              "lin_s": -4, "lin_z": -3}  # linear attention's recurrent state (t_jax.models.kv_cache.recurrent)
 
 
 def _name(path: tuple) -> str:

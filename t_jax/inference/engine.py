@@ -34,13 +34,26 @@ def _prefill(runner: Runner, params: PyTree, cache: PyTree, table: jax.Array, sl
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), paged_lib.set_tables(state["cache"], table)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _step(runner: Runner, params: PyTree, cache: PyTree, table: jax.Array, tokens: jax.Array,
-          positions: jax.Array) -> tuple[jax.Array, PyTree]:
-  """One decode step of every slot (position -1: an idle slot, nothing written): (next tokens, cache)."""
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=2)
+def _decode(runner: Runner, params: PyTree, cache: PyTree, table: jax.Array, tokens: jax.Array,
+            positions: jax.Array, steps: int, eos_id: Optional[int]) -> tuple[jax.Array, PyTree]:
+  """`steps` greedy decode steps of every slot in one program: (tokens [slots, steps], cache).
+
+  A slot at position -1 is idle (nothing written, tokens -1); a slot that emits eos_id goes idle after it.
+  """
   state = {"cache": paged_lib.set_tables(cache, table)}
-  logits, state = runner.step(params, state, tokens[:, None], positions[:, None])
-  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), state["cache"]
+
+  def body(j: jax.Array, c: tuple) -> tuple:
+    tok, pos, state, out = c
+    logits, state = runner.step(params, state, tok[:, None], pos[:, None])
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out = out.at[:, j].set(jnp.where(pos >= 0, nxt, -1))
+    stop = (pos < 0) | (nxt == eos_id) if eos_id is not None else pos < 0
+    return nxt, jnp.where(stop, -1, pos + 1), state, out
+
+  out = jnp.full((tokens.shape[0], steps), -1, jnp.int32)
+  _, _, state, out = jax.lax.fori_loop(0, steps, body, (tokens, positions, state, out))
+  return out, state["cache"]
 
 
 _write = jax.jit(paged_lib.write_pages, donate_argnums=0)
@@ -68,19 +81,26 @@ class Engine:
 
   Each request's tokens equal `generate(..., method='greedy')` run on it alone. max_seq_len (default
   max_len) bounds prompt + new tokens per request and sets the pages a decode step reads per row;
-  prefill_multiple rounds prompt widths up (fewer compilations).
+  prefill_multiple rounds prompt widths up (fewer compilations); paged_impl overrides the config's
+  paged_attention_impl (decode steps: 'xla' gathers pages, 'pallas' runs the paged kernel). decode_chunk:
+  decode steps per program (one host round trip); a step that runs k < decode_chunk steps does so because
+  a request ends after k, so a slot frees as soon as a request is done, but a request that arrives (or one
+  that ends at EOS) mid-chunk waits for the chunk to end. 1 = admit between every two steps.
   """
 
   def __init__(self, model_or_cfg: Any, params: PyTree, *, max_batch: int = 8, page_size: int = 16,
                num_pages: int = 256, eos_id: Optional[int] = None, prompt_cache: Optional[str] = None,
-               tokenizer: Any = None, max_seq_len: Optional[int] = None, prefill_multiple: int = 16) -> None:
+               tokenizer: Any = None, max_seq_len: Optional[int] = None, prefill_multiple: int = 16,
+               paged_impl: Optional[str] = None, decode_chunk: int = 8) -> None:
     self.cfg = model_config(model_or_cfg)
+    if paged_impl is not None:  # the decode steps' attention: 'xla' (gather) | 'pallas' | 'auto'
+      self.cfg = self.cfg.replace(paged_attention_impl=paged_impl)
     if self.cfg.architecture != "decoder":
       raise ValueError(f"Engine serves decoder-only models, not {self.cfg.architecture!r}")
-    if min(max_batch, page_size, num_pages, prefill_multiple) < 1:
-      raise ValueError("max_batch, page_size, num_pages and prefill_multiple must be >= 1")
+    if min(max_batch, page_size, num_pages, prefill_multiple, decode_chunk) < 1:
+      raise ValueError("max_batch, page_size, num_pages, prefill_multiple and decode_chunk must be >= 1")
     self.params, self.eos_id, self.page_size = nn.meta.unbox(params), eos_id, page_size
-    self.prefill_multiple = prefill_multiple
+    self.prefill_multiple, self.decode_chunk, self.decode_calls = prefill_multiple, decode_chunk, 0
     self.max_seq_len = min(max_seq_len or self.cfg.max_len, self.cfg.max_len)
     max_pages = paged_lib.num_pages_for(self.max_seq_len, page_size)
     self.runner = Runner(self.cfg, 0, page_size=page_size, num_pages=num_pages, max_pages=max_pages)
@@ -170,24 +190,33 @@ class Engine:
       self.finished[r.id] = np.asarray(r.out, np.int32)
 
   def step(self) -> int:
-    """Admits waiting requests into free slots, then a decode step of each running one; returns how many."""
+    """Admits waiting requests into free slots, then decodes the running ones: `decode_chunk` steps in one
+    program at most, fewer so that no request passes its max_new_tokens (a power of two: few programs).
+    Returns how many requests ran."""
     self._admit()
     running = [i for i, r in enumerate(self.slots) if r is not None]
     if not running:
       return 0
+    left = min(self.slots[i].max_new_tokens - len(self.slots[i].out) for i in running)
+    steps = 1 << (min(left, self.decode_chunk).bit_length() - 1)
     tokens = np.zeros(len(self.slots), np.int32)
     positions = np.full(len(self.slots), -1, np.int32)
     for i in running:
       r = self.slots[i]
       positions[i], tokens[i] = r.written, r.out[-1]
-      if r.written // self.page_size == len(r.pages):  # the sequence grows onto a new page
+      while (r.written + steps - 1) // self.page_size >= len(r.pages):  # the sequence grows onto new pages
         r.pages += self.allocator.alloc(1)
         r.reserved, self._reserved = r.reserved - 1, self._reserved - 1
         self.table[i, len(r.pages) - 1] = r.pages[-1]
-    nxt, self.cache = _step(self.runner, self.params, self.cache, self.table, tokens, positions)
-    nxt = np.asarray(nxt)
+    out, self.cache = _decode(self.runner, self.params, self.cache, self.table, tokens, positions, steps,
+                              self.eos_id)
+    out = np.asarray(out)
     for i in running:
-      self._emit(i, int(nxt[i]))
+      for token in out[i]:
+        if self.slots[i] is None or token < 0:
+          break
+        self._emit(i, int(token))
+    self.decode_calls += 1
     return len(running)
 
   def run_until_done(self) -> dict[int, np.ndarray]:

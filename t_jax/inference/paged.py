@@ -79,8 +79,10 @@ def allocate(shapes: PyTree, num_pages: int, page_size: int, max_pages: int, bat
       out[(*head, f"{name}_pages")] = jnp.zeros(shape, leaf.dtype)
     elif name == "pos":  # [..., batch, slots]
       out[(*head, "page_table")] = jnp.full(leaf.shape[:-2] + (batch, max_pages), -1, jnp.int32)
+    elif name in ("cross_k", "cross_v"):  # encoder-decoder: the encoder's keys/values stay one block per row
+      out[path] = jnp.zeros(leaf.shape, leaf.dtype)
     elif name != "index":
-      raise ValueError(f"the paged cache does not hold {name!r} (encoder-decoder models are not supported)")
+      raise ValueError(f"the paged cache does not hold {name!r}")
   return traverse_util.unflatten_dict(out)
 
 
@@ -150,24 +152,58 @@ class Prefix:
 
 
 def plan_rows(rows: list[list[int]], max_new_tokens: int, page_size: int, num_pages: Optional[int],
-              prefix: tuple[int, ...] = ()) -> dict:
+              prefix: tuple[int, ...] = (), extra: int = 0, beams: int = 1) -> dict:
   """Pages for a one-shot batch (generate): the prefix first (pages 0..), then every row's own pages.
 
-  Returns numpy inputs for the jitted program: table [batch, max_pages], start [batch], prefix_pages,
-  copy_src / copy_dst (the partial prefix page copied per row), and the pool size.
+  A row holds len(row) + max_new_tokens + extra positions (extra: speculative overrun). With beams > 1
+  a row's prompt pages are written once and read by its beams; each beam owns pages from the one holding
+  position len(row) on (beam_reorder). Returns numpy inputs for the jitted program: table [batch,
+  max_pages], start [batch], prefix_pages, copy_src / copy_dst (the partial prefix page copied per row),
+  own [batch * beams, max_pages] (beams > 1: each beam's pages, -1 before its first), the pool size.
   """
   prefix_pages = num_pages_for(len(prefix), page_size)
-  need = [num_pages_for(len(r) + max_new_tokens, page_size) for r in rows]
-  alloc = PageAllocator(num_pages or prefix_pages + sum(need))
+  need = [num_pages_for(len(r) + max_new_tokens + extra, page_size) for r in rows]
+  first = [len(r) // page_size if beams > 1 else n for r, n in zip(rows, need)]  # a beam's first own page
+  prompt = [num_pages_for(len(r), page_size) if beams > 1 else n for r, n in zip(rows, need)]  # row pages
+  total = prefix_pages + sum(prompt) + sum(beams * (n - f) for n, f in zip(need, first))
+  alloc = PageAllocator(num_pages or total)
   held = Prefix(tuple(prefix), alloc.alloc(prefix_pages))
   table = np.full((len(rows), max(need)), -1, np.int32)
+  own = np.full((len(rows) * beams, max(need)), -1, np.int32)
   start, src, dst = np.zeros(len(rows), np.int32), [], []
   for i, row in enumerate(rows):
     start[i], shared, partial = held.reuse(row, page_size)
     alloc.share(shared)
-    table[i, :need[i]] = shared + alloc.alloc(need[i] - len(shared))
+    table[i, :prompt[i]] = shared + alloc.alloc(prompt[i] - len(shared))
     if partial is not None:
       src.append(partial)
       dst.append(table[i, len(shared)])
+    if beams > 1:
+      for j in range(beams):
+        own[i * beams + j, first[i]:need[i]] = alloc.alloc(need[i] - first[i])
   return dict(table=table, start=start, prefix_pages=np.asarray(held.pages, np.int32),
-              copy_src=np.asarray(src, np.int32), copy_dst=np.asarray(dst, np.int32), num_pages=alloc.num_pages)
+              copy_src=np.asarray(src, np.int32), copy_dst=np.asarray(dst, np.int32), own=own,
+              num_pages=alloc.num_pages)
+
+
+def beam_reorder(state: dict, rows: jax.Array, next_pos: jax.Array, page_size: int) -> dict:
+  """Beam search on pages: beam r continues the sequence of row rows[r] (of state["table"]), and writes
+  next at next_pos[r] (the same for a beam and its parent).
+
+  Full pages are never written again, so r reads its parent's pages below the one holding next_pos by
+  pointing at them (no copy); from that page on it uses its own pages (state["own"]), and the parent's
+  partly filled page is copied into r's own one: one page per beam and layer, not the whole history. The
+  first call maps an example's rows (prefill) onto its beams (rows = each example repeated).
+  """
+  table, own = state["table"], state["own"]
+  num_pages = stack_layers(state["cache"], "k_pages")[0].shape[0]
+  cur = jnp.minimum(next_pos // page_size, table.shape[1] - 1)
+  parent = jnp.take(table, rows, axis=0)
+  new = jnp.where(jnp.arange(table.shape[1])[None, :] < cur[:, None], parent, own)
+  src = jnp.take_along_axis(parent, cur[:, None], axis=1)[:, 0]
+  dst = jnp.take_along_axis(own, cur[:, None], axis=1)[:, 0]
+  dst = jnp.where((src >= 0) & (dst >= 0) & (src != dst), dst, num_pages)  # num_pages: no copy (dropped)
+  src = jnp.maximum(src, 0)
+  copy = lambda pool, _: pool.at[..., dst, :, :, :].set(pool[..., src, :, :, :], mode="drop")
+  cache = set_tables(_map(_map(state["cache"], "k_pages", copy), "v_pages", copy), new)
+  return dict(state, cache=cache, table=new)

@@ -66,11 +66,17 @@ class Runner:
       return positions
     return jnp.where(positions >= 0, jnp.minimum(positions, self.cfg.max_len - 1), positions)
 
-  def empty_pages(self, params: PyTree, batch: int) -> PyTree:
-    """A paged cache: an all-zero page pool and unmapped page tables for `batch` rows."""
+  def empty_pages(self, params: PyTree, batch: int, src_len: int = 1) -> PyTree:
+    """A paged cache: an all-zero page pool and unmapped page tables for `batch` rows (encoder-decoder: and
+    zero cross-attention keys/values for sources of src_len, filled by prefill)."""
     one = jnp.zeros((batch, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda p: self._apply(p, None, one, positions=one)[1], params)
-    return paged_lib.allocate(shapes, self.num_pages, self.page_size, self.max_pages, batch)
+    if self.seq2seq:
+      encoded = jnp.zeros((batch, src_len, self.cfg.d_model), self.cfg.dtype)
+      kw = dict(encoded=encoded, encoder_padding_mask=jnp.ones((batch, src_len), jnp.int32), decoder_positions=one)
+      call = lambda p: self._apply(p, None, None, one, **kw)[1]
+    else:
+      call = lambda p: self._apply(p, None, one, positions=one)[1]
+    return paged_lib.allocate(jax.eval_shape(call, params), self.num_pages, self.page_size, self.max_pages, batch)
 
   def _apply(self, params: PyTree, cache: Optional[PyTree], *args: Any, **kw: Any) -> tuple[Array, PyTree]:
     """The decode-mode model on a cache (None: its init): (logits, new cache)."""
@@ -91,7 +97,7 @@ class Runner:
     `start` positions are in the pages already (a shared prefix), and ids hold the tokens after them.
     """
     if self.seq2seq:
-      return self._prefill_seq2seq(params, ids, lengths)
+      return self._prefill_seq2seq(params, ids, lengths, paged)
     b = ids.shape[0]
     pos = left_pad_positions(lengths, ids.shape[1])
     start = jnp.zeros((b,), jnp.int32) if paged is None else paged["start"].astype(jnp.int32)
@@ -111,13 +117,17 @@ class Runner:
       logits, state = self.step(params, state, ids[:, -1:], pos[:, -1:])
     return logits[:, -1], state, (start + lengths).astype(jnp.int32)
 
-  def _prefill_seq2seq(self, params: PyTree, src: Array, lengths: Array) -> tuple[Array, State, Array]:
+  def _prefill_seq2seq(self, params: PyTree, src: Array, lengths: Array,
+                       paged: dict | None = None) -> tuple[Array, State, Array]:
     b = src.shape[0]
     mask = (jnp.arange(src.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
     encoded = self.model.apply({"params": params}, src, encoder_padding_mask=mask, method="encode")
     start = jnp.full((b, 1), self.start_id, jnp.int32)
-    logits, cache = self._apply_fresh(params, b, None, start, encoded=encoded, encoder_padding_mask=mask,
-                                      decoder_positions=jnp.zeros((b, 1), jnp.int32))
+    kw = dict(encoded=encoded, encoder_padding_mask=mask, decoder_positions=jnp.zeros((b, 1), jnp.int32))
+    if paged is None:
+      logits, cache = self._apply_fresh(params, b, None, start, **kw)
+    else:  # the decoder's self-attention in pages (its positions start at 0: no shared prefix)
+      logits, cache = self._apply(params, paged_lib.set_tables(paged["cache"], paged["table"]), None, start, **kw)
     return logits[:, -1], {"cache": cache, "enc_mask": mask}, jnp.ones((b,), jnp.int32)
 
   def step(self, params: PyTree, state: State, tokens: Array, positions: Array) -> tuple[Array, State]:
@@ -131,9 +141,14 @@ class Runner:
     return logits, dict(state, cache=cache)
 
 
-def repeat_state(state: State, n: int) -> State:
-  """Every row repeated n times in a row (beams share one prefill)."""
-  out = dict(state, cache=cache_lib.repeat(state["cache"], n))
+def repeat_state(state: State, n: int, paged: bool = False) -> State:
+  """Every row repeated n times in a row (beams share one prefill). paged: only the per-row leaves of a paged
+  cache (cross-attention); its pages are mapped to beams by paged.beam_reorder."""
+  cache = state["cache"]
+  if paged:
+    cross = lambda path, x: jnp.repeat(x, n, axis=-4) if cache_lib._name(path) in ("cross_k", "cross_v") else x
+    cache = jax.tree_util.tree_map_with_path(cross, cache)
+  out = dict(state, cache=cache if paged else cache_lib.repeat(cache, n))
   if "enc_mask" in state:
     out["enc_mask"] = jnp.repeat(state["enc_mask"], n, axis=0)
   return out

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from t_jax.inference import paged as paged_lib
 from t_jax.inference.penalties import NO_PENALTY, Penalty, context
 from t_jax.inference.runner import Runner, gather_state, repeat_state
 from t_jax.inference.sampling import Sampler, token_logprob
@@ -59,8 +60,8 @@ def length_penalty(length: Array, alpha: float) -> Array:
 
 
 def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, num_beams: int, alpha: float,
-                max_new_tokens: int, eos_id: Optional[int], pad_id: int,
-                penalty: Penalty = NO_PENALTY) -> tuple[Array, Array, dict]:
+                max_new_tokens: int, eos_id: Optional[int], pad_id: int, penalty: Penalty = NO_PENALTY,
+                paged: Optional[dict] = None) -> tuple[Array, Array, dict]:
   """Beam search scoring hypotheses by log P(Y|X) / lp(|Y|) (|Y| counts generated tokens incl. EOS).
 
   A hypothesis is finished when it emits EOS, or when it reaches max_new_tokens (then it is scored
@@ -68,14 +69,22 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
   kept), the best K others stay alive. A row stops early once its K-th finished score beats any
   score an alive hypothesis can still reach (log-probs only fall; lp is monotone in |Y|).
   A penalty applies to the log-probs (as in Hugging Face), and the scores sum the penalised values.
+  paged (a paged cache, as for sample_loop, plus `own`: each beam's pages, paged.plan_rows): a prompt's
+  pages are shared by its beams, and reordering beams moves page-table entries (paged.beam_reorder).
   Returns (best tokens [batch, max_new_tokens], their scores [batch], stats with all beams).
   """
   k, steps = num_beams, max_new_tokens
-  logits, state, pos = runner.prefill(params, ids, lengths)
+  logits, state, pos = runner.prefill(params, ids, lengths, paged)
   b, vocab = logits.shape
   ctx, first = context(runner, ids, lengths)
   ctx, first = jnp.repeat(ctx, k, axis=0), jnp.repeat(first, k)
-  state, logits, pos = repeat_state(state, k), jnp.repeat(logits, k, axis=0), jnp.repeat(pos, k)
+  logits, pos = jnp.repeat(logits, k, axis=0), jnp.repeat(pos, k)
+  if paged is None:
+    state, reorder = repeat_state(state, k), lambda state, rows, t: gather_state(state, rows)
+  else:  # the examples' rows onto their beams: the partly filled prompt page copied per beam
+    reorder = lambda state, rows, t: paged_lib.beam_reorder(state, rows, pos + t, runner.page_size)
+    state = repeat_state(dict(state, table=paged["table"], own=paged["own"]), k, paged=True)
+    state = reorder(state, jnp.repeat(jnp.arange(b), k), 0)
   alive_seq = jnp.full((b, k, steps), pad_id, jnp.int32)
   alive_lp = jnp.tile(jnp.asarray([0.0] + [NEG] * (k - 1), jnp.float32), (b, 1))
   fin_seq, fin_score = alive_seq, jnp.full((b, k), NEG, jnp.float32)
@@ -113,7 +122,7 @@ def beam_search(runner: Runner, params: PyTree, ids: Array, lengths: Array, *, n
     stop = finished(t, alive_lp, fin_score)
 
     def feed(state: dict) -> tuple[Array, dict]:
-      state = gather_state(state, rows)
+      state = reorder(state, rows, t)
       logits, state = runner.step(params, state, tok[:, None], (pos + t)[:, None])
       return logits[:, -1], state
 

@@ -61,11 +61,17 @@ def _verify(logits: Array, drafts: Array, q: Array, rng: Array, sampler: Sampler
 
 def speculative_loop(target: Runner, draft: Runner, params: PyTree, draft_params: PyTree, ids: Array,
                      lengths: Array, rng: Array, *, sampler: Sampler, num_draft: int, max_new_tokens: int,
-                     eos_id: Optional[int], pad_id: int) -> tuple[Array, Array, dict]:
-  """Returns (tokens [batch, max_new_tokens], target log-prob of each row's tokens, stats)."""
+                     eos_id: Optional[int], pad_id: int, paged: Optional[dict] = None,
+                     draft_paged: Optional[dict] = None) -> tuple[Array, Array, dict]:
+  """Returns (tokens [batch, max_new_tokens], target log-prob of each row's tokens, stats).
+
+  paged / draft_paged: paged caches of the two models (as for sample_loop, pages for num_draft + 1 positions
+  past the end). A position's page slot is rewritten whenever it is fed again, and queries never see later
+  slots, so rejected entries need no rewinding there (cache.rewind leaves pages alone).
+  """
   k = num_draft
-  logits, tstate, pos = target.prefill(params, ids, lengths)
-  _, dstate, _ = draft.prefill(draft_params, ids, lengths)
+  logits, tstate, pos = target.prefill(params, ids, lengths, paged)
+  _, dstate, _ = draft.prefill(draft_params, ids, lengths, draft_paged)
   b = ids.shape[0]
   rng, sub = jax.random.split(rng)
   tok = sampler.choose(sub, logits)

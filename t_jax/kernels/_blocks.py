@@ -8,7 +8,8 @@ lower on every Pallas backend.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -232,3 +233,16 @@ def block_mask(cfg: Config, q_pos: Array, kv_pos: Array, q_seg: Optional[Array],
   if q_seg is not None:
     mask = mask & (q_seg == kv_seg)
   return mask
+
+
+def online_softmax_step(s: Array, v: Array, m_sc: Any, l_sc: Any, acc_sc: Any, dot: Callable) -> None:
+  """Folds one block of scores s [rows, keys] (masked entries -inf) and its values v into the running max
+  m_sc, sum l_sc and output acc_sc (VMEM scratch refs) of the online softmax; dot(a, b, contract_a, contract_b)."""
+  m_prev = m_sc[...]
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p = jnp.exp(s - shift)
+  alpha = jnp.exp(m_prev - shift)
+  l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+  acc_sc[...] = acc_sc[...] * alpha + dot(p.astype(v.dtype), v, 1, 0)
+  m_sc[...] = m_new

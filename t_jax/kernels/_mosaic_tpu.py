@@ -21,12 +21,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_block_bounds
+from t_jax.kernels._blocks import (
+  Config,
+  block_mask,
+  idiv,
+  kv_range,
+  online_softmax_step,
+  q_range,
+  segment_block_bounds,
+)
 
 Array = jax.Array
 _F32 = jnp.float32
-
-
 _COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
@@ -78,16 +84,14 @@ def _seg(cfg: Config, seg_ref: object, b: Array, i: Array, n: int) -> Optional[t
   return tuple(seg_ref[base + c] for c in range(4))
 
 
-def _kv_bounds(cfg: Config, bq: int, bk: int) -> Callable:
-  """(q block, batch, prefix ref, seg ref) -> kv_range: usable in index maps and kernels alike."""
+def _bounds(cfg: Config, bq: int, bk: int, by_kv: bool = False) -> Callable:
+  """(q block, batch, prefix ref, seg ref) -> kv_range, or with by_kv (kv block, ...) -> q_range: usable in
+  index maps and kernels alike."""
+  if by_kv:
+    nk = cfg.kv_len_padded // bk
+    return lambda j, b, p, s: q_range(cfg, j, bq, bk, _prefix(cfg, p, b), _seg(cfg, s, b, j, nk))
   nq = cfg.q_len_padded // bq
   return lambda i, b, p, s: kv_range(cfg, i, bq, bk, _prefix(cfg, p, b), _seg(cfg, s, b, i, nq))
-
-
-def _q_bounds(cfg: Config, bq: int, bk: int) -> Callable:
-  """(kv block, batch, prefix ref, seg ref) -> q_range."""
-  nk = cfg.kv_len_padded // bk
-  return lambda j, b, p, s: q_range(cfg, j, bq, bk, _prefix(cfg, p, b), _seg(cfg, s, b, j, nk))
 
 
 def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Optional[Array],
@@ -110,7 +114,7 @@ def _aux_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg
 def _q_grid_specs(cfg: Config, bq: int, bk: int, d: int) -> tuple[list, pl.BlockSpec, pl.BlockSpec]:
   """On a (batch, head, q block, kv block) grid: in-specs of q, k, v (+ bias, segment ids), the spec of a
   [bq, d] q-block tile and of a [bq, 1] row tile; kv blocks are clamped into the visited range."""
-  kvr, g = _kv_bounds(cfg, bq, bk), cfg.group
+  kvr, g = _bounds(cfg, bq, bk), cfg.group
   kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
   q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
   kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))
@@ -146,16 +150,9 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object)
       s = s + bias_ref[...].astype(_F32)
     if masked:
       s = jnp.where(_tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix), s, -jnp.inf)
-    m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - shift)
-    alpha = jnp.exp(m_prev - shift)
-    l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + cfg.dot(p.astype(v_ref.dtype), v_ref[...], 1, 0)
-    m_sc[...] = m_new
+    online_softmax_step(s, v_ref[...], m_sc, l_sc, acc_sc, cfg.dot)
 
-  _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, kj, _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -208,7 +205,7 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object
     dv_sc[...] += cfg.dot(p.astype(do.dtype), do, 0, 0)
     dk_sc[...] += cfg.dot(ds.astype(q.dtype), q, 0, 0)
 
-  _when_visited(cfg, qi, _q_bounds(cfg, bq, bk)(kj, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, qi, _bounds(cfg, bq, bk, by_kv=True)(kj, b, prefix_ref, seg_ref), compute)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -240,7 +237,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: objec
       dbias_ref[...] = ds
     dq_sc[...] += cfg.dot(ds.astype(k.dtype), k, 1, 0)
 
-  _when_visited(cfg, kj, _kv_bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, kj, _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -260,7 +257,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   args = (qt, kt, vt, *_aux_args(cfg, bias, q_seg, kv_seg), dot_, lse, delta)
 
   # dk, dv: grid (batch, kv head, kv block, group head x q block).
-  qr = _q_bounds(cfg, bq, bk)
+  qr = _bounds(cfg, bq, bk, by_kv=True)
   qblk = lambda bb, j, t, p, s: _clamped(lax.rem(t, jnp.int32(nq)), qr(j, bb, p, s))
   qhead = lambda hk, t: hk * g + idiv(t, nq)
   qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hk, j, t, *r: (bb, qhead(hk, t), qblk(bb, j, t, *r), 0))

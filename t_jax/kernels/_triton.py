@@ -15,6 +15,7 @@ not yet PTX compilation or speed on a real GPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Optional
 
@@ -49,14 +50,14 @@ def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
   return (q, k, v, bias, q_seg, kv_seg, prefix, seg, *rest)
 
 
-def _phased_loop(cfg: Config, bounds: tuple, body: Callable, carry: object) -> object:
-  """Runs body(masked)(idx, carry) over masked [lo, flo), visible [flo, fhi), masked [fhi, hi)."""
+def _phased_loop(cfg: Config, bounds: tuple, step: Callable, carry: object) -> object:
+  """Runs step(masked, idx, carry) over masked [lo, flo), visible [flo, fhi), masked [fhi, hi)."""
   lo, flo, fhi, hi = bounds
   if not cfg.any_mask:
-    return lax.fori_loop(lo, hi, body(False), carry)
-  carry = lax.fori_loop(lo, flo, body(True), carry)
-  carry = lax.fori_loop(flo, fhi, body(False), carry)
-  return lax.fori_loop(fhi, hi, body(True), carry)
+    return lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+  carry = lax.fori_loop(lo, flo, functools.partial(step, True), carry)
+  carry = lax.fori_loop(flo, fhi, functools.partial(step, False), carry)
+  return lax.fori_loop(fhi, hi, functools.partial(step, True), carry)
 
 
 def _positions(start: Array, n: int) -> Array:
@@ -74,31 +75,29 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
   q_pos = _positions(qi * bq, bq)[:, None]
   q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
 
-  def body(masked: bool) -> Callable:
-    def step(j: Array, carry: tuple) -> tuple:
-      acc, m, den = carry
-      start = pl.multiple_of(j * bk, bk)
-      k = k_ref[pl.ds(start, bk), :]
-      v = v_ref[pl.ds(start, bk), :]
-      s = cfg.dot(q, k, 1, 1) * cfg.scale
-      if bias_ref is not None:
-        s = s + bias_ref[:, pl.ds(start, bk)].astype(_F32)
-      if masked:
-        kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
-        mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
-        s = jnp.where(mask, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-      p = jnp.exp(s - shift[:, None])
-      alpha = jnp.exp(m - shift)
-      den = den * alpha + jnp.sum(p, axis=1)
-      acc = acc * alpha[:, None] + cfg.dot(p.astype(v.dtype), v, 1, 0)
-      return acc, m_new, den
-    return step
+  def step(masked: bool, j: Array, carry: tuple) -> tuple:
+    acc, m, den = carry
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s = cfg.dot(q, k, 1, 1) * cfg.scale
+    if bias_ref is not None:
+      s = s + bias_ref[:, pl.ds(start, bk)].astype(_F32)
+    if masked:
+      kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
+      mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
+      s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+    p = jnp.exp(s - shift[:, None])
+    alpha = jnp.exp(m - shift)
+    den = den * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + cfg.dot(p.astype(v.dtype), v, 1, 0)
+    return acc, m_new, den
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix, seg), body, carry)
+  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix, seg), step, carry)
   empty = den == 0.0  # fully masked rows: output 0, lse +inf (so backward gets p = 0)
   o_ref[...] = (acc / jnp.where(empty, 1.0, den)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
@@ -168,26 +167,24 @@ def _dkdv_kernel(cfg: Config, *refs: object) -> None:
   bounds = q_range(cfg, kj, bq, bk, prefix, seg)
 
   def head(hg: Array, carry: tuple) -> tuple:
-    def body(masked: bool) -> Callable:
-      def step(i: Array, carry: tuple) -> tuple:
-        dk, dv = carry
-        start = pl.multiple_of(i * bq, bq)
-        q = q_ref[pl.ds(start, bq), hg, :]
-        do = do_ref[pl.ds(start, bq), hg, :]
-        bias = None
-        if bias_ref is not None:
-          bias = bias_ref[hg if cfg.bias_heads else 0, pl.ds(start, bq), :]
-        mask = None
-        if masked:
-          q_seg = qseg_ref[pl.ds(start, bq)][:, None] if qseg_ref is not None else None
-          mask = block_mask(cfg, _positions(start, bq)[:, None], kv_pos, q_seg, kv_seg, prefix)
-        p, ds = cfg.probs_and_ds(q, k, v, do, lse_ref[hg, pl.ds(start, bq)][:, None],
-                                 delta_ref[hg, pl.ds(start, bq)][:, None], bias, mask)
-        dv = dv + cfg.dot(p.astype(do.dtype), do, 0, 0)
-        dk = dk + cfg.dot(ds.astype(q.dtype), q, 0, 0)
-        return dk, dv
-      return step
-    return _phased_loop(cfg, bounds, body, carry)
+    def step(masked: bool, i: Array, carry: tuple) -> tuple:
+      dk, dv = carry
+      start = pl.multiple_of(i * bq, bq)
+      q = q_ref[pl.ds(start, bq), hg, :]
+      do = do_ref[pl.ds(start, bq), hg, :]
+      bias = None
+      if bias_ref is not None:
+        bias = bias_ref[hg if cfg.bias_heads else 0, pl.ds(start, bq), :]
+      mask = None
+      if masked:
+        q_seg = qseg_ref[pl.ds(start, bq)][:, None] if qseg_ref is not None else None
+        mask = block_mask(cfg, _positions(start, bq)[:, None], kv_pos, q_seg, kv_seg, prefix)
+      p, ds = cfg.probs_and_ds(q, k, v, do, lse_ref[hg, pl.ds(start, bq)][:, None],
+                               delta_ref[hg, pl.ds(start, bq)][:, None], bias, mask)
+      dv = dv + cfg.dot(p.astype(do.dtype), do, 0, 0)
+      dk = dk + cfg.dot(ds.astype(q.dtype), q, 0, 0)
+      return dk, dv
+    return _phased_loop(cfg, bounds, step, carry)
 
   d = k.shape[-1]
   zeros = jnp.zeros((bk, d), _F32)
@@ -206,24 +203,22 @@ def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
   q_pos = _positions(qi * bq, bq)[:, None]
   q_seg = qseg_ref[...][:, None] if qseg_ref is not None else None
 
-  def body(masked: bool) -> Callable:
-    def step(j: Array, dq: Array) -> Array:
-      start = pl.multiple_of(j * bk, bk)
-      k = k_ref[pl.ds(start, bk), :]
-      v = v_ref[pl.ds(start, bk), :]
-      bias = bias_ref[:, pl.ds(start, bk)] if bias_ref is not None else None
-      mask = None
-      if masked:
-        kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
-        mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
-      _, ds = cfg.probs_and_ds(q, k, v, do, lse, delta, bias, mask)
-      if dbias_ref is not None:
-        dbias_ref[:, pl.ds(start, bk)] = ds
-      return dq + cfg.dot(ds.astype(k.dtype), k, 1, 0)
-    return step
+  def step(masked: bool, j: Array, dq: Array) -> Array:
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    bias = bias_ref[:, pl.ds(start, bk)] if bias_ref is not None else None
+    mask = None
+    if masked:
+      kv_seg = kseg_ref[pl.ds(start, bk)][None, :] if kseg_ref is not None else None
+      mask = block_mask(cfg, q_pos, _positions(start, bk)[None, :], q_seg, kv_seg, prefix)
+    _, ds = cfg.probs_and_ds(q, k, v, do, lse, delta, bias, mask)
+    if dbias_ref is not None:
+      dbias_ref[:, pl.ds(start, bk)] = ds
+    return dq + cfg.dot(ds.astype(k.dtype), k, 1, 0)
 
   bounds = kv_range(cfg, qi, bq, bk, prefix, seg)
-  dq = _phased_loop(cfg, bounds, body, jnp.zeros(q.shape, _F32))
+  dq = _phased_loop(cfg, bounds, step, jnp.zeros(q.shape, _F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:  # skipped (fully masked) tiles get a zero bias gradient
     def zero(j: Array, c: int) -> int:

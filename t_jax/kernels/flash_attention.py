@@ -79,6 +79,9 @@ def _check(q: Array, k: Array, v: Array, mask: Mask, bias: Optional[Array]) -> N
   if mask.q_positions is not None or mask.kv_positions is not None:
     raise NotImplementedError("the Pallas kernels take no explicit positions (KV-cache decoding); "
                               "use implementation='xla' there")
+  if mask.block_sparse is not None:
+    raise NotImplementedError("the Pallas kernels skip contiguous block ranges only, not BigBird's block_sparse "
+                              "pattern; use implementation='xla'")
   if bias is not None:
     _bias_shape(bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 

@@ -23,7 +23,11 @@ def build_model(cfg: ModelConfig, *, deterministic: bool = True, decode: bool = 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8) -> tuple:
   """Positional inputs with which `model.init` traces every parameter."""
+  if cfg.input_stem == "patches":  # images of the configured size (`length` does not apply)
+    return (jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
   ids = jnp.zeros((batch, length), jnp.int32)
+  if cfg.input_stem == "audio":  # `length` log-mel frames
+    return (jnp.zeros((batch, length, cfg.num_mel_bins), jnp.float32), ids)
   return (ids, ids) if cfg.architecture == "encoder_decoder" else (ids,)
 
 

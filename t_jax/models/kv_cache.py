@@ -48,28 +48,68 @@ def append(layer: nn.Module, k: Array, v: Array, positions: Array, default_slots
   return out
 
 
-def _paged(layer: nn.Module, k: Array, v: Array, positions: Array) -> tuple[Array, Array, Array]:
-  """Writes the new entries into their rows' pages, then gathers each row's pages into one contiguous view.
+def _write_pages(layer: nn.Module, k: Array, v: Array, positions: Array) -> tuple[Array, Array, Array]:
+  """Writes the new entries into their rows' pages: (k pool, v pool, page table).
 
   Writes at negative positions (padding) or into unmapped pages are dropped, so a row never touches a page
-  that is not in its table. The view's slot j holds position j (-1 where the page is unmapped); slots of
-  mapped pages not written yet lie in the future of every query, and the causal mask hides them.
+  that is not in its table.
   """
   kp, vp = layer.variable("cache", "k_pages"), layer.variable("cache", "v_pages")
   table = layer.get_variable("cache", "page_table")
   num_pages, size = kp.value.shape[:2]
-  b, max_pages = table.shape
   logical = positions // size
-  ok = (positions >= 0) & (logical < max_pages)
+  ok = (positions >= 0) & (logical < table.shape[1])
   page = jnp.take_along_axis(table, jnp.where(ok, logical, 0), axis=1)
   page = jnp.where(ok & (page >= 0), page, num_pages)  # out of range: dropped
   kp.value = kp.value.at[page, positions % size].set(k, mode="drop")
   vp.value = vp.value.at[page, positions % size].set(v, mode="drop")
+  return kp.value, vp.value, table
+
+
+def _paged(layer: nn.Module, k: Array, v: Array, positions: Array) -> tuple[Array, Array, Array]:
+  """Writes the new entries into their rows' pages, then gathers each row's pages into one contiguous view.
+
+  The view's slot j holds position j (-1 where the page is unmapped); slots of mapped pages not written yet
+  lie in the future of every query, and the causal mask hides them.
+  """
+  k_pool, v_pool, table = _write_pages(layer, k, v, positions)
+  num_pages, size = k_pool.shape[:2]
+  b, max_pages = table.shape
   mapped = jnp.where(table >= 0, table, num_pages)
   view = lambda pool: jnp.take(pool, mapped, axis=0, mode="fill", fill_value=0).reshape(
       (b, max_pages * size) + pool.shape[2:])
   pos = jnp.where(jnp.repeat(table >= 0, size, axis=1), jnp.arange(max_pages * size, dtype=jnp.int32), -1)
-  return view(kp.value), view(vp.value), pos
+  return view(k_pool), view(v_pool), pos
+
+
+def paged_decode(layer: nn.Module, q: Array, k: Array, v: Array, positions: Array,
+                 scale: Optional[float]) -> Optional[Array]:
+  """A decode step over a paged cache with the Pallas kernel (t_jax/kernels/paged_attention.py), when
+  cfg.paged_attention_impl selects it: writes k, v into the pages and returns the attention output
+  [batch, 1, heads, head_dim]. None (nothing written) for other calls: the caller takes `append`'s
+  gather path (contiguous caches, several queries per row, paged_attention_impl 'xla').
+  """
+  cfg = layer.cfg
+  if not layer.has_variable("cache", "page_table") or q.shape[1] != 1:
+    return None
+  from t_jax.kernels import paged_attention as kernel  # Pallas loads only when a paged cache is used
+
+  if not kernel.use_pallas(cfg.paged_attention_impl):
+    return None
+  if cfg.position in ("alibi", "t5_relative") or getattr(cfg, "attention_kind", "softmax") != "softmax":
+    raise NotImplementedError(f"the Pallas paged decode kernel takes no attention bias or attention kind "
+                              f"(position={cfg.position!r}); use paged_attention_impl='xla'")
+  positions = positions.astype(jnp.int32)
+  k_pool, v_pool, table = _write_pages(layer, k, v, positions)
+  lengths = jnp.maximum(positions[:, 0] + 1, 0)  # -1 (an idle row) attends to nothing
+  out = kernel.paged_attention(q[:, 0], k_pool, v_pool, table, lengths, scale=scale, window=cfg.window)
+  return out[:, None]
+
+
+def recurrent(layer: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict:
+  """The float32 recurrent state of linear attention (performer/rfa) by name, zeros at first: it replaces
+  the KV cache (t_jax.attention.variants.state_shapes)."""
+  return {name: layer.variable("cache", name, jnp.zeros, shape, jnp.float32) for name, shape in shapes.items()}
 
 
 def cross(layer: nn.Module, encoded: Optional[Array], project: Callable[[Array], tuple[Array, Array]]

@@ -1,8 +1,10 @@
 """The model body: attention, block and stack, and the two models built from them.
 
   Transformer      one stack over one sequence; its mask mode follows cfg.architecture:
-                   decoder (causal, GPT), prefix_lm (bidirectional prefix), encoder (bidirectional, BERT MLM).
-  EncoderDecoder   an encoder stack and a decoder stack with cross-attention (Vaswani et al., T5).
+                   decoder (causal, GPT), prefix_lm (bidirectional prefix), encoder (bidirectional, BERT MLM);
+                   input_stem='patches' reads images instead of token ids (ViT: t_jax/models/vision.py).
+  EncoderDecoder   an encoder stack and a decoder stack with cross-attention (Vaswani et al., T5);
+                   input_stem='audio' reads log-mel frames into the encoder (Whisper: t_jax/models/speech.py).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from t_jax.attention import Mask, attention
+from t_jax.attention import Mask, variants
 from t_jax.models import kv_cache
 from t_jax.models import positions as pos_lib
 from t_jax.models.config import ModelConfig
 from t_jax.models.heads import ClassificationHead
 from t_jax.models.layers import MLP, Embed, PositionEmbed, activation, dense, norm, remat_policy
+from t_jax.models.reversible import reversible
+from t_jax.models.speech import AudioEmbedder, stem_mask
+from t_jax.models.vision import PatchEmbedder
 
 Array = jnp.ndarray
 ACT = ("batch", "length", "embed")
@@ -56,12 +61,20 @@ class Attention(nn.Module):
     project = lambda h: (dense(cfg, kv_shape, kv_axes, "key")(h), dense(cfg, kv_shape, kv_axes, "value")(h))
     q = dense(cfg, (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "query")(x)
     q_pos = kv_pos = inputs.positions
+    spec, state = variants.Spec() if cross else variants.Spec.of(cfg), None  # cross-attention stays softmax
     if cross:
       k, v = kv_cache.cross(self, inputs.encoded, project)
     else:
       k, v = project(x)
       q, k = pos_lib.rotate(cfg.position, q, k, q_pos, cfg.rope_theta)
-      if self.decode:
+      k = q if spec.kind == "lsh" else k  # Reformer's shared-QK: the queries are the keys
+      if self.decode and spec.recurrent:  # performer/rfa decode from a recurrent state, not a KV cache
+        state = kv_cache.recurrent(self, variants.state_shapes(spec, q.shape[0], cfg.num_heads, v.shape[-1]))
+      elif self.decode:
+        paged = None if spec.kind != "softmax" else kv_cache.paged_decode(  # other kinds: their own step
+            self, q, k, v, q_pos, scale=None if cfg.scale_attention else 1.0)
+        if paged is not None:  # a Pallas paged decode step (cfg.paged_attention_impl)
+          return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", in_axes=2)(paged)
         k, v, kv_pos = kv_cache.append(self, k, v, q_pos, cfg.window or cfg.max_len)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
     bias = None if cross else pos_lib.bias(
@@ -74,9 +87,18 @@ class Attention(nn.Module):
                 q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                 prefix_len=inputs.prefix_len if self.mode == "prefix" else None,
                 q_positions=q_pos if explicit else None, kv_positions=kv_pos if explicit else None)
-    out = attention(q, k, v, mask=mask, bias=bias, scale=None if cfg.scale_attention else 1.0,
-                    implementation=cfg.attention_impl, kernel_options=cfg.attention_kernel_options,
-                    dropout_rate=dropout, dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
+    redraw = cfg.attention_redraw and not self.deterministic and spec.kind in ("performer", "rfa", "lsh")
+    aft_bias = self.param("aft_bias", nn.with_logical_partitioning(nn.initializers.zeros, (
+        "heads", "relpos_buckets")), (cfg.num_heads, 2 * cfg.attention_aft_window - 1), cfg.param_dtype
+    ) if spec.kind == "aft" and cfg.attention_aft_window else None
+    out, new_state = variants.attention(
+        q, k, v, spec=spec, mask=mask, bias=bias, scale=None if cfg.scale_attention else 1.0,
+        rng=self.make_rng("dropout") if redraw else None, aft_bias=aft_bias,
+        state=None if state is None else (state["lin_s"].value, state["lin_z"].value),
+        implementation=cfg.attention_impl, kernel_options=cfg.attention_kernel_options,
+        dropout_rate=dropout, dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
+    if state is not None:
+      state["lin_s"].value, state["lin_z"].value = new_state
     out = checkpoint_name(out, "attention_out")
     return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", in_axes=2)(out)
 
@@ -118,6 +140,23 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ACT), None
 
 
+class _Half(nn.Module):
+  """One half of a reversible layer: normed self-attention or normed feed-forward, without the residual."""
+
+  cfg: ModelConfig
+  mode: str
+  part: str
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, inputs: Inputs) -> Array:
+    """f(x) or g(x) of t_jax.models.reversible."""
+    h = norm(self.cfg, f"{self.part}_norm")(x)
+    if self.part == "mlp":
+      return MLP(self.cfg, deterministic=self.deterministic, name="mlp")(h)
+    return Attention(self.cfg, self.mode, self.deterministic, name="self_attention")(h, inputs)
+
+
 class Stack(nn.Module):
   """`num_layers` Blocks (unrolled or nn.scan, optionally rematerialised) plus the final pre-LN norm."""
 
@@ -136,6 +175,13 @@ class Stack(nn.Module):
       inputs = inputs._replace(rel_table=self.param("relative_bias", nn.with_logical_partitioning(
           nn.initializers.normal(1.0), ("relpos_buckets", "heads")), (cfg.relative_buckets, cfg.num_heads),
           cfg.param_dtype))
+    if cfg.reversible:  # RevNet layers on two copies of x; their mean goes on (t_jax/models/reversible.py)
+      halves = [_Half(cfg, self.mode, part, self.deterministic) for part in ("self_attention", "mlp")]
+      params = [tuple(self.param(f"layer_{i}_{h.part}", lambda rng, h=h: h.init(rng, x, inputs)["params"])
+                      for h in halves) for i in range(self.num_layers)]
+      f, g = (lambda p, y, aux, h=h: h.apply({"params": p}, y, aux) for h in halves)
+      x1, x2 = reversible(f, g, params, x, x, inputs)
+      return norm(cfg, "final_norm")((x1 + x2) / 2)
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
@@ -219,8 +265,13 @@ class Transformer(nn.Module):
       raise ValueError(f"Transformer runs {tuple(MASK_MODES)}, not {cfg.architecture!r}")
     if self.decode and (cfg.architecture == "encoder" or cfg.num_classes):
       raise ValueError("encoder-only models and sequence classifiers do not decode")
-    self.token_embedding = Embed(cfg)
-    self.embedder = Embedder(cfg, self.deterministic)
+    if self.decode and cfg.reversible:
+      raise ValueError("reversible models train and score; they do not decode (no KV cache inside the layers)")
+    if cfg.input_stem == "patches":  # images: no token table (t_jax/models/vision.py)
+      self.embedder = PatchEmbedder(cfg, self.deterministic)
+    else:
+      self.token_embedding = Embed(cfg)
+      self.embedder = Embedder(cfg, self.deterministic)
     stack = Stack(cfg, cfg.num_layers, MASK_MODES[cfg.architecture], deterministic=self.deterministic,
                   decode=self.decode)
     if cfg.architecture == "encoder":
@@ -234,12 +285,16 @@ class Transformer(nn.Module):
       self.classifier = ClassificationHead(cfg, self.deterministic)
     else:
       self.head = Head(cfg)
+    if cfg.next_sentence:  # BERT pre-training's second head, on [CLS]
+      nsp = cfg.replace(num_classes=2, pooling="cls", next_sentence=False)
+      self.next_sentence = ClassificationHead(nsp, self.deterministic)
 
   def __call__(self, input_ids: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None, padding_mask: Optional[Array] = None,
                prefix_len: Optional[Array] = None, token_type_ids: Optional[Array] = None) -> Array:
     """input_ids [batch, seq] -> logits [batch, seq, vocab] ([batch, num_classes] with a sequence head).
 
+    With input_stem='patches' input_ids are images [batch, image_size, image_size, num_channels] (no padding).
     Decoding needs explicit positions.
     """
     cfg = self.cfg
@@ -247,15 +302,20 @@ class Transformer(nn.Module):
       raise ValueError(f"prefix_len needs architecture='prefix_lm', not {cfg.architecture!r}")
     if self.decode and positions is None:
       raise ValueError("decoding needs explicit positions (-1 marks padding)")
-    pos, seg = _inputs(input_ids, positions, segment_ids, padding_mask)
-    x = self.embedder(self.token_embedding, input_ids, pos, token_type_ids)
+    if cfg.input_stem == "patches":
+      x = self.embedder(input_ids)
+      pos, seg = _inputs(x[..., 0], positions, None, None)
+    else:
+      pos, seg = _inputs(input_ids, positions, segment_ids, padding_mask)
+      x = self.embedder(self.token_embedding, input_ids, pos, token_type_ids)
     inputs = Inputs(pos, None if self.decode else seg, prefix_len)
     x = self.encoder(x, inputs) if cfg.architecture == "encoder" else self.decoder(x, inputs)
     if cfg.num_classes:
       return self.classifier(x, seg)
+    nsp = self.next_sentence(x, seg) if cfg.next_sentence else None
     if cfg.architecture == "encoder" and cfg.mlm_transform:
       x = self.mlm_norm(activation(cfg.activation)(self.mlm_dense(x)))
-    return self.head(x, self.token_embedding)
+    return self.head(x, self.token_embedding) if nsp is None else (self.head(x, self.token_embedding), nsp)
 
 
 class EncoderDecoder(nn.Module):
@@ -269,7 +329,10 @@ class EncoderDecoder(nn.Module):
     """Shared token table, one embedder per side, two stacks, one head."""
     cfg = self.cfg
     self.token_embedding = Embed(cfg)
-    self.encoder_embedder = Embedder(cfg, self.deterministic)
+    if cfg.input_stem == "audio":  # log-mel frames (t_jax/models/speech.py)
+      self.encoder_embedder = AudioEmbedder(cfg, self.deterministic)
+    else:
+      self.encoder_embedder = Embedder(cfg, self.deterministic)
     self.decoder_embedder = Embedder(cfg, self.deterministic)
     self.encoder = Stack(cfg, cfg.encoder_layers, "bidirectional", deterministic=self.deterministic)
     self.decoder = Stack(cfg, cfg.num_layers, "causal", cross=True, deterministic=self.deterministic,
@@ -278,7 +341,12 @@ class EncoderDecoder(nn.Module):
 
   def encode(self, encoder_input_ids: Array, *, encoder_positions: Optional[Array] = None,
              encoder_segment_ids: Optional[Array] = None, encoder_padding_mask: Optional[Array] = None) -> Array:
-    """Encoder outputs [batch, src, embed]."""
+    """Encoder outputs [batch, src, embed] (audio: [batch, stem_length(frames), embed] of frames [batch, frames,
+    num_mel_bins], whose mask is per frame and whose positions the stem makes)."""
+    if self.cfg.input_stem == "audio":
+      mask = encoder_segment_ids if encoder_segment_ids is not None else encoder_padding_mask
+      x, pos, seg = self.encoder_embedder(encoder_input_ids, mask)
+      return self.encoder(x, Inputs(pos, seg))
     pos, seg = _inputs(encoder_input_ids, encoder_positions, encoder_segment_ids, encoder_padding_mask)
     return self.encoder(self.encoder_embedder(self.token_embedding, encoder_input_ids, pos, None), Inputs(pos, seg))
 
@@ -298,6 +366,8 @@ class EncoderDecoder(nn.Module):
       raise ValueError("decoding needs explicit decoder_positions")
     pos, seg = _inputs(decoder_input_ids, decoder_positions, decoder_segment_ids, decoder_padding_mask)
     enc_seg = _inputs(decoder_input_ids, None, encoder_segment_ids, encoder_padding_mask)[1]
+    if self.cfg.input_stem == "audio" and enc_seg is not None:  # frame mask -> token mask
+      enc_seg = stem_mask(enc_seg)
     x = self.decoder_embedder(self.token_embedding, decoder_input_ids, pos, None)
     x = self.decoder(x, Inputs(pos, None if self.decode else seg, encoded=encoded, encoder_segment_ids=enc_seg))
     return self.head(x, self.token_embedding)

@@ -39,12 +39,6 @@ log = logging.getLogger(__name__)
 INDIVISIBLE = ("replicate", "error")
 
 
-def _axes(mesh_axes: Any) -> tuple[str, ...]:
-  if mesh_axes is None:
-    return ()
-  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-
-
 def resolve_spec(names: Sequence[Optional[str]], shape: Sequence[int], rules: Sequence[tuple],
                  axis_sizes: Mapping[str, int]) -> tuple[PartitionSpec, list[tuple]]:
   """Flax's rule walk for one array, keeping only mesh axes that divide the dimension.
@@ -57,14 +51,14 @@ def resolve_spec(names: Sequence[Optional[str]], shape: Sequence[int], rules: Se
   used: set[str] = set()
   fallbacks = []
   for logical, mesh_axes in rules:
-    wanted = _axes(mesh_axes)
+    wanted = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
     for i, name in enumerate(names):
       if done[i] or name != logical or any(a in used for a in wanted):
         continue
-      kept = [a for a in wanted if axis_sizes[a] > 1]
+      real = tuple(a for a in wanted if axis_sizes[a] > 1)
+      kept = list(real)
       while kept and shape[i] % math.prod(axis_sizes[a] for a in kept):
         kept.pop()
-      real = tuple(a for a in wanted if axis_sizes[a] > 1)
       if tuple(kept) != real:
         fallbacks.append((name, shape[i], real, tuple(kept)))
       if kept:

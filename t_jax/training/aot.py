@@ -32,8 +32,9 @@ import numpy as np
 from t_jax.data import Objective, PrefixLM
 from t_jax.data.objectives import pad_row
 from t_jax.models import ModelConfig, build_model, count_params
-from t_jax.sharding import Partitioner, make_mesh, mesh_shape, rules_for
-from t_jax.training.config import Experiment, TrainConfig
+from t_jax.sharding import Partitioner, make_mesh, rules_for
+from t_jax.training.config import Experiment
+from t_jax.training.loop import microbatches
 from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_init, make_train_step
 
@@ -99,19 +100,6 @@ def batch_spec(objective: Objective, batch_size: int, sharding: Any = None) -> d
     row["prefix_len"] = np.int32(1)
   return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
           for k, v in objective.finalize(row).items()}
-
-
-def microbatches(cfg: TrainConfig, data_shards: int) -> int:
-  """Gradient-accumulation steps, with the checks of the training loop (one process)."""
-  if cfg.batch_size % data_shards:
-    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {data_shards} data "
-                     "shards (mesh data x fsdp)")
-  per_shard = cfg.batch_size // data_shards
-  micro = cfg.per_device_batch_size or per_shard
-  if per_shard % micro:
-    raise ValueError(f"TrainConfig.per_device_batch_size={micro} does not divide the {per_shard} examples "
-                     f"per data shard (batch_size={cfg.batch_size} over {data_shards} shards)")
-  return per_shard // micro
 
 
 def shard_bytes(tree: Any) -> int:
@@ -308,14 +296,12 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 
 class _Build:
-  """Model, optimizer, mesh, shardings and abstract inputs, built as `t_jax.training.train` builds them."""
+  """Model, optimizer, mesh, shardings and abstract inputs, built as `t_jax.training.train` builds them but
+  abstractly: no array is allocated."""
 
   def __init__(self, exp: Experiment, devices: Sequence[jax.Device]) -> None:
-    """Builds everything abstractly: no array is allocated."""
     cfg = exp.train
-    mesh_shape(exp.mesh, len(devices))  # a clear error before jax.make_mesh's
-    mesh = make_mesh(exp.mesh, devices)
-    self.partitioner = Partitioner(mesh, rules_for(exp.mesh.rules), exp.mesh.indivisible)
+    self.partitioner = Partitioner(make_mesh(exp.mesh, devices), rules_for(exp.mesh.rules), exp.mesh.indivisible)
     self.accum = microbatches(cfg, self.partitioner.data_shards)
     train_model, eval_model = build_model(exp.model, deterministic=False), build_model(exp.model)
     tx, schedule = make_optimizer(exp.optimizer, cfg.num_steps), make_schedule(exp.optimizer, cfg.num_steps)
@@ -376,16 +362,6 @@ def _largest(state: Any, n: int = 5) -> list[dict]:
   return sorted(rows, key=lambda r: -r["bytes"])[:n]
 
 
-def _memory(compiled: Any, report: dict) -> dict:
-  """Per-device bytes: ours (params, optimizer, batch), XLA's (arguments, outputs, temps, code), peak."""
-  m = compiled.memory_analysis()
-  mem = {**report["memory"], "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-         "code": m.generated_code_size_in_bytes}
-  mem["peak"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
-  return mem
-
-
 def collective_seconds(colls: dict[str, dict[str, int]], ici_bytes_per_second: float) -> float:
   """Time to move the step's collective bytes through one chip's ICI at the documented bandwidth, no overlap.
 
@@ -420,7 +396,11 @@ def _analyse(compiled: Any, report: dict) -> dict:
   """Memory, flops, collectives, step time and MFU of a compiled step."""
   hlo, cost = compiled.as_text(), compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
-  mem = _memory(compiled, report)
+  m = compiled.memory_analysis()  # per-device bytes: ours (params, optimizer, batch) and XLA's
+  mem = {**report["memory"], "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+         "code": m.generated_code_size_in_bytes}
+  mem["peak"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
   once, colls = cost.get("flops"), collectives(hlo)
   comm = collective_seconds(colls, report["ici_bytes_per_second"])
   try:  # only a program with loops re-parses HLO

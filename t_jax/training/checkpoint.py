@@ -20,6 +20,7 @@ from typing import Any, Optional
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t_jax.models.config import RUNTIME_FIELDS, ModelConfig
 from t_jax.training.config import TrainConfig
 from t_jax.training.metrics import log
 from t_jax.workdir import check_params
@@ -110,7 +111,6 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
 
 def fingerprint(model: Any, task: Any) -> dict:
   """What the parameters mean: model fields except run-time ones, and the task's tokenizer and objective."""
-  from t_jax.models.config import RUNTIME_FIELDS
   out = {f"ModelConfig.{k}": v for k, v in dataclasses.asdict(model).items() if k not in RUNTIME_FIELDS}
   out.update({f"TaskConfig.{k}": getattr(task, k) for k in ("tokenizer", "vocab_size", "num_extra_ids",
                                                             "tokenizer_type")})
@@ -122,7 +122,10 @@ def _check_fingerprint(manager: ocp.CheckpointManager, step: int, now: dict, all
   if not (manager.directory / str(step) / "config").is_dir():
     return  # a checkpoint from before fingerprints
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+  # A field the checkpoint does not name is newer than it: the checkpoint meant the field's default.
+  defaults = {f"ModelConfig.{f.name}": f.default for f in dataclasses.fields(ModelConfig)}
+  changed = [f"{k}: {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
+             if saved.get(k, defaults.get(k)) != v]
   if not changed:
     return
   if not allow_change:
@@ -131,14 +134,3 @@ def _check_fingerprint(manager: ocp.CheckpointManager, step: int, now: dict, all
   log(f"warning: resuming with changed model/task config (--allow_config_change): {'; '.join(changed)}")
   with open(manager.directory.parent / "config_changes.log", "a") as f:
     f.write(f"step {step}: {'; '.join(changed)}\n")
-
-
-def check_converted(workdir: str, expected: PyTree) -> None:
-  """Validates a converted workdir (DIR/config.gin + DIR/params/) against the model before any compute."""
-  if not os.path.isfile(os.path.join(workdir, "config.gin")):
-    raise ValueError(f"TrainConfig.init_from={workdir!r} has no config.gin (not a converted workdir)")
-  directory = os.path.abspath(os.path.join(workdir, "params"))
-  if not os.path.isdir(directory):
-    raise ValueError(f"TrainConfig.init_from={workdir!r} has no params/ checkpoint")
-  with ocp.StandardCheckpointer() as ckptr:
-    check_params(ckptr.metadata(directory).item_metadata.tree, expected, directory)

@@ -9,7 +9,10 @@ import dataclasses
 import re
 from typing import Optional
 
+from t_jax.data.audio import SpeechToText
 from t_jax.data.classification import Classification
+from t_jax.data.images import ImageClassification
+from t_jax.data.nsp import BertPretraining
 from t_jax.data.task import TaskConfig
 from t_jax.models import ModelConfig
 from t_jax.sharding import MeshConfig
@@ -131,6 +134,12 @@ class Experiment:
     if not classify and model.num_classes is not None:
       raise ValueError(f"ModelConfig.num_classes={model.num_classes} (a sequence head) needs the Classification "
                        f"objective, not {type(task.objective).__name__}")
+    nsp = isinstance(task.objective, BertPretraining)
+    if nsp != model.next_sentence or (nsp and model.num_token_types < 2):
+      raise ValueError(f"objective {type(task.objective).__name__} and ModelConfig.next_sentence="
+                       f"{model.next_sentence}, num_token_types={model.num_token_types} do not fit: BERT pre-training "
+                       "(BertPretraining) "
+                       "needs next_sentence=True and num_token_types >= 2, other objectives next_sentence=False")
     if model.architecture not in task.objective.architectures:
       raise ValueError(f"objective {type(task.objective).__name__} needs ModelConfig.architecture in "
                        f"{task.objective.architectures}, got {model.architecture!r}")
@@ -139,3 +148,16 @@ class Experiment:
     if model.position == "learned" and task.max_length > model.max_len:
       raise ValueError(f"sequence length {task.max_length} exceeds ModelConfig.max_len={model.max_len} "
                        "(learned positions)")
+    images = isinstance(task.objective, ImageClassification)
+    if images != (model.input_stem == "patches"):
+      raise ValueError(f"objective {type(task.objective).__name__} and ModelConfig.input_stem={model.input_stem!r} "
+                       "do not fit: images need input_stem='patches' and ImageClassification, both")
+    size = images and (task.objective.image_size, task.objective.num_channels)
+    if images and size != (model.image_size, model.num_channels):
+      raise ValueError(f"ImageClassification(image_size, num_channels)={size} and ModelConfig (image_size, "
+                       f"num_channels)={(model.image_size, model.num_channels)} differ")
+    speech = isinstance(task.objective, SpeechToText)
+    if speech != (model.input_stem == "audio") or (speech and task.objective.n_mels != model.num_mel_bins):
+      raise ValueError(f"objective {type(task.objective).__name__} and ModelConfig.input_stem={model.input_stem!r}, "
+                       f"num_mel_bins={model.num_mel_bins} do not fit: audio needs input_stem='audio' and "
+                       "SpeechToText, both, with SpeechToText.n_mels = ModelConfig.num_mel_bins")

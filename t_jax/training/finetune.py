@@ -2,16 +2,23 @@
 
   trainable   regexes searched in '/'-joined parameter paths ('encoder/layer_0/mlp_norm/scale',
               'classifier/logits/kernel'); the other leaves get no update and no optimizer state
-              (optax.multi_transform with set_to_zero). With ModelConfig.lora_rank and no patterns: the
-              adapters and the classification head (DEFAULT_LORA_TRAINABLE).
+              (optax.multi_transform with set_to_zero), and no gradient: the train step differentiates the
+              trainable leaves only (step.make_train_step(trainable=...)), so a frozen encoder under a new head
+              costs a forward pass. With ModelConfig.lora_rank and no patterns: the adapters and the
+              classification head (DEFAULT_LORA_TRAINABLE).
   init_from   a t_jax workdir (a training run's latest checkpoint, or a converted params/ workdir) or a
               Hugging Face checkpoint directory (config.json: read through t_jax.from_hf). Every parameter
-              the two models share is restored; the new head and LoRA adapters keep their initialisation;
-              a pretraining head (LM / MLM transform) the model no longer has is dropped. Anything else
-              that differs (a missing layer, another shape) is refused before the run writes anything.
+              the two models share is restored; the new head and LoRA adapters keep their initialisation
+              (a 'cls' classifier's pooler starts as a BERT next-sentence head's); a pretraining head (LM /
+              MLM transform / next sentence) the model no longer has is dropped. Anything else that differs
+              (a missing layer, another shape) is refused before the run writes anything. Without
+              TaskConfig.tokenizer the run reads text with init_from's tokenizer (an HF checkpoint's own, a
+              t_jax run's SentencePiece model) and keeps a copy in its workdir.
   metrics     classification: eval_accuracy, eval_f1 (binary: of class 1; else macro), eval_mcc (Matthews);
               regression (num_classes=1): eval_loss is the MSE, eval_pearson, eval_spearman; computed
-              with scikit-learn / scipy on every evaluated example.
+              with scikit-learn / scipy on every evaluated example. Text-to-text (TextToText): generated
+              answers, eval_exact_match and the class metrics of the label strings. BERT pre-training
+              (BertPretraining): nsp_loss / nsp_accuracy beside the MLM metrics.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import numpy as np
 
 from t_jax import workdir as workdir_lib
 from t_jax.data.classification import Classification
+from t_jax.data.hf_tokenizer import HF_TOKENIZER_DIR, HFTokenizer, is_hf_tokenizer_dir, load_tokenizer
+from t_jax.data.task import TaskConfig, make_tokenizer
 from t_jax.models import ModelConfig, abstract_params, build_model
 from t_jax.training.config import TrainConfig
 from t_jax.training.losses import token_losses
@@ -38,7 +47,7 @@ from t_jax.training.metrics import log
 PyTree = Any
 DEFAULT_LORA_TRAINABLE = (r"/lora_[ab]$", r"^classifier/")
 NEW_LEAVES = re.compile(r"^classifier/|/lora_[ab]$")  # initialised, not restored, by init_from
-PRETRAINING_HEAD = re.compile(r"^(head|mlm_dense|mlm_norm)/")  # dropped by init_from into a classifier
+PRETRAINING_HEAD = re.compile(r"^(head|mlm_dense|mlm_norm|next_sentence)/")  # init_from into a classifier drops
 
 
 def path_of(path: tuple) -> str:
@@ -101,6 +110,9 @@ def read_init_from(path: str, model: ModelConfig) -> dict[str, np.ndarray]:
     raise ValueError(f"TrainConfig.init_from={path!r} is neither a t_jax workdir ({workdir_lib.CONFIG_FILE}) nor a "
                      "Hugging Face checkpoint directory (config.json)")
   expected = flat_paths(abstract_params(build_model(model)))
+  for name in ("kernel", "bias"):  # BERT: the classifier's pooler starts as the next-sentence head's
+    if f"next_sentence/pooler/{name}" in source and f"classifier/pooler/{name}" in expected:
+      source[f"classifier/pooler/{name}"] = source[f"next_sentence/pooler/{name}"]
   _check_compatible(path, {k: tuple(v.shape) for k, v in source.items()},
                     {k: tuple(v.shape) for k, v in expected.items()}, model)
   return {k: np.asarray(v) for k, v in source.items() if k in expected}
@@ -150,6 +162,35 @@ class FineTuning:
     """Fresh params with the init_from ones restored (unchanged without init_from)."""
     return params if self.source is None else restore_into(params, target, self.source, self.init_from)
 
+  def make_tokenizer(self, task: TaskConfig, model_vocab: int, workdir: str) -> Any:
+    """data.make_tokenizer, reading init_from's tokenizer when TaskConfig.tokenizer is unset: a pretrained
+    model keeps its vocabulary (an HF checkpoint's own tokenizer, a t_jax run's tokenizer.model). That one is
+    copied into the workdir (tokenizer.model or hf_tokenizer/), where t_jax.load and export_params find it."""
+    path = None if task.tokenizer is not None or self.init_from is None else tokenizer_of(self.init_from)
+    tok = make_tokenizer(task if path is None else dataclasses.replace(task, tokenizer=path), model_vocab, workdir)
+    if path is not None and tok is not None:  # (None: an objective without text)
+      log(f"tokenizer: {tok!r} of TrainConfig.init_from ({path})")
+      if isinstance(tok, HFTokenizer) and not (Path(workdir) / HF_TOKENIZER_DIR).exists():
+        tok.save(Path(workdir) / HF_TOKENIZER_DIR)
+      elif not isinstance(tok, HFTokenizer) and not (Path(workdir) / "tokenizer.model").exists():
+        (Path(workdir) / "tokenizer.model").write_bytes(tok.model_proto)
+    return tok
+
+
+def tokenizer_of(path: str) -> Optional[str]:
+  """The tokenizer that came with an init_from checkpoint: an HF directory's own, or a t_jax workdir's
+  (TaskConfig.tokenizer of its config, tokenizer.model, hf_tokenizer/); None when it has none."""
+  root = Path(path)
+  if _is_hf_dir(root):
+    return str(root) if is_hf_tokenizer_dir(root) else None
+  if not (root / workdir_lib.CONFIG_FILE).is_file():
+    return None
+  _, task = workdir_lib.read_config(root)
+  for candidate in (task.get("tokenizer"), root / "tokenizer.model", root / HF_TOKENIZER_DIR):
+    if candidate and Path(candidate).exists():
+      return str(candidate)
+  return None
+
 
 def prepare(cfg: TrainConfig, model: ModelConfig) -> FineTuning:
   """Checks the trainable patterns (and prints the trainable count) and reads init_from; errors name the binding."""
@@ -173,9 +214,45 @@ def regression_losses(predictions: jax.Array, targets: jax.Array, weights: jax.A
   return {"loss": se.sum(), "nll": se.sum(), "z_loss": zero, "correct": zero, "weight": w.sum()}
 
 
+def next_sentence_losses(logits: tuple, batch: dict, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+  """BertPretraining's sums: token_losses' MLM sums, with `loss` = MLM sum + mean next-sentence loss x MLM
+  weight (so loss / weight is BERT's sum of the two means), and the next-sentence head's nsp_nll / nsp_correct /
+  nsp_weight over the real rows (with gradient accumulation each microbatch's mean counts by its MLM weight)."""
+  if not isinstance(logits, tuple):
+    raise ValueError("BertPretraining needs a model with ModelConfig.next_sentence=True")
+  token_logits, nsp_logits = logits
+  sums = token_losses(token_logits, batch["targets"], batch["weights"], label_smoothing, z_loss)
+  rows = (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)  # eval batches end in all-padding rows
+  nsp = token_losses(nsp_logits, batch["next_sentence"], rows)
+  mean = nsp["loss"] / jnp.maximum(nsp["weight"], 1.0)
+  return {**sums, "loss": sums["loss"] + mean * sums["weight"], "nsp_nll": nsp["nll"], "nsp_correct": nsp["correct"],
+          "nsp_weight": nsp["weight"]}
+
+
 def objective_losses(objective: Any) -> Callable[..., dict]:
-  """The loss-sums function of an objective: squared error for regression, else token_losses."""
-  return regression_losses if isinstance(objective, Classification) and objective.regression else token_losses
+  """losses(logits, batch, label_smoothing, z_loss) -> sums of an objective: squared error for regression,
+  MLM + next-sentence for BertPretraining, else token_losses of its label_key and weights."""
+  from t_jax.data.nsp import BertPretraining
+
+  if isinstance(objective, BertPretraining):
+    return next_sentence_losses
+  fn = regression_losses if isinstance(objective, Classification) and objective.regression else token_losses
+
+  def losses(logits: Any, batch: dict, *args: float) -> dict:
+    if isinstance(logits, tuple):
+      raise ValueError(f"{type(objective).__name__} trains one head: this model also has a next-sentence head "
+                       "(ModelConfig.next_sentence=True needs the BertPretraining objective)")
+    return fn(logits, batch[objective.label_key], batch["weights"], *args)
+
+  return losses
+
+
+def extra_metrics(sums: dict, prefix: str = "") -> dict:
+  """nsp_loss / nsp_accuracy (with `prefix`, e.g. 'eval_') from summed next-sentence sums; {} without them."""
+  if "nsp_weight" not in sums:
+    return {}
+  weight = jnp.maximum(sums["nsp_weight"], 1.0)
+  return {f"{prefix}nsp_loss": sums["nsp_nll"] / weight, f"{prefix}nsp_accuracy": sums["nsp_correct"] / weight}
 
 
 def eval_outputs(objective: Any, logits: jax.Array, batch: dict) -> dict:
@@ -207,14 +284,48 @@ def classification_metrics(outputs: Sequence[dict], objective: Classification, m
           "eval_mcc": float(skm.matthews_corrcoef(label, pred))}
 
 
+def text_to_text_metrics(model: nn.Module, params: PyTree, tok: Any, objective: Any, source: Sequence,
+                         batch_size: int, max_batches: Optional[int]) -> dict:
+  """TextToText eval by generation: every eval input (as training encodes it: inputs_len - 1 tokens + eos) is
+  decoded greedily for targets_len tokens; eval_exact_match (decoded == target string, spaces at the ends
+  ignored) and, with label_names, eval_accuracy / eval_f1 / eval_mcc (scikit-learn) over the classes the strings
+  name (-1 for a string that names none: always wrong). Runs where the params are (one process)."""
+  from sklearn import metrics as skm
+
+  from t_jax.inference import generate
+
+  records = [r for r in (source[i] for i in range(len(source))) if r is not None]
+  records = records[:max_batches * batch_size] if max_batches else records
+  predictions = []
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    prompts = [[*tok.encode(r[objective.inputs_key])[:objective.inputs_len - 1], tok.eos_id] for r in chunk]
+    prompts += [prompts[0]] * (batch_size - len(prompts))  # one shape for every batch: one compilation
+    tokens = generate(model.cfg, params, prompts, max_new_tokens=objective.targets_len, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id, pad_multiple=objective.inputs_len)
+    predictions += [tok.decode(row) for row in np.asarray(tokens)[:len(chunk)]]
+  targets = [r[objective.targets_key].strip() for r in records]
+  predictions = [p.strip() for p in predictions]
+  out = {"eval_exact_match": float(np.mean([p == t for p, t in zip(predictions, targets)]))}
+  if objective.label_names:
+    index = {name: i for i, name in enumerate(objective.label_names)}
+    y, pred = [index.get(t, -1) for t in targets], [index.get(p, -1) for p in predictions]
+    labels = list(range(len(objective.label_names)))
+    f1 = (skm.f1_score(y, pred, labels=[1], average="macro", zero_division=0) if len(labels) == 2
+          else skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+    out.update(eval_accuracy=float(skm.accuracy_score(y, pred)), eval_f1=float(f1),
+               eval_mcc=float(skm.matthews_corrcoef(y, pred)))
+  return out
+
+
 # ---------------------------------------------------------------- export
 
 
 def export_params(workdir: str, out_dir: str, *, step: Optional[int] = None, overwrite: bool = False) -> Path:
   """A training (or params) workdir -> a params workdir (config.gin + params/) with LoRA merged into the kernels.
 
-  The run's tokenizer (TaskConfig.tokenizer, else DIR/tokenizer.model) is copied beside when there is one. `t_jax.load`, TrainConfig.init_from and
-  launch.convert read the result like any converted workdir.
+  The run's tokenizer (TaskConfig.tokenizer, else DIR/tokenizer.model or DIR/hf_tokenizer/) is copied beside when
+  there is one. `t_jax.load`, TrainConfig.init_from and launch.convert read the result like any converted workdir.
   """
   from t_jax.models.lora import merge_lora
 
@@ -223,6 +334,12 @@ def export_params(workdir: str, out_dir: str, *, step: Optional[int] = None, ove
   cfg, params = merge_lora(cfg, params)
   root = workdir_lib.write_params_workdir(out_dir, cfg, params, overwrite=overwrite)
   tokenizer = Path(task.get("tokenizer") or Path(workdir) / "tokenizer.model")
-  if tokenizer.is_file():
-    (root / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+  if not tokenizer.exists():
+    tokenizer = Path(workdir) / HF_TOKENIZER_DIR
+  if tokenizer.exists():
+    tok = load_tokenizer(tokenizer, task.get("num_extra_ids", 0))
+    if isinstance(tok, HFTokenizer):
+      tok.save(root / HF_TOKENIZER_DIR)
+    else:
+      (root / "tokenizer.model").write_bytes(tok.model_proto)
   return root

@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from t_jax import workdir as workdir_lib
 from t_jax.data import MaskedLM, Seq2Seq, Tokenizer
-from t_jax.data.classification import Classification
-from t_jax.data.task import TaskConfig, count_tokens, make_tokenizer, ordered_batches, train_iterator
+from t_jax.data.classification import Classification, TextToText
+from t_jax.data.task import TaskConfig, count_tokens, ordered_batches, train_iterator
 from t_jax.models import build_model, count_params
-from t_jax.sharding import MeshConfig, Partitioner
+from t_jax.sharding import Partitioner
 from t_jax.training import checkpoint as ckpt
 from t_jax.training import finetune, sample
 from t_jax.training.config import Experiment, TrainConfig
@@ -39,19 +39,17 @@ from t_jax.training.optim import make_optimizer, make_schedule
 from t_jax.training.step import make_eval_step, make_init, make_train_step
 
 
-def setup_mesh(cfg: TrainConfig, mesh: MeshConfig) -> tuple[Partitioner, int]:
-  """The loop's only contact with the mesh: (partitioner, accumulation steps)."""
-  partitioner = Partitioner.from_config(mesh)
-  shards = partitioner.data_shards
-  if cfg.batch_size % shards or cfg.batch_size % jax.process_count():
+def microbatches(cfg: TrainConfig, shards: int, processes: int = 1) -> int:
+  """Gradient-accumulation steps for a batch split over `shards` data shards (and `processes`)."""
+  if cfg.batch_size % shards or cfg.batch_size % processes:
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {shards} data shards "
-                     f"(mesh data x fsdp) and {jax.process_count()} processes")
+                     f"(mesh data x fsdp) and {processes} processes")
   per_shard = cfg.batch_size // shards
   micro = cfg.per_device_batch_size or per_shard
   if per_shard % micro:
     raise ValueError(f"TrainConfig.per_device_batch_size={micro} does not divide the {per_shard} examples "
                      f"per data shard (batch_size={cfg.batch_size} over {shards} shards)")
-  return partitioner, per_shard // micro
+  return per_shard // micro
 
 
 @contextlib.contextmanager
@@ -130,22 +128,21 @@ def _samples(cfg: TrainConfig, task: TaskConfig, model: nn.Module, params: Any, 
   texts = spread[:cfg.num_samples]
   if not texts:
     return []
-  if task.is_lm:
-    return sample.lm_samples(model, params, tok, texts, cfg.sample_prompt_len, cfg.sample_len, cfg.temperature,
-                             cfg.seed)
-  return sample.seq2seq_samples(model, params, tok, texts, task.objective.inputs_len, cfg.sample_len,
-                                cfg.temperature, cfg.seed)
+  if task.is_lm:  # prompts: the first sample_prompt_len tokens; seq2seq: whole sources up to inputs_len
+    samples, prompt_len = sample.lm_samples, cfg.sample_prompt_len
+  else:
+    samples, prompt_len = sample.seq2seq_samples, task.objective.inputs_len
+  return samples(model, params, tok, texts, prompt_len, cfg.sample_len, cfg.temperature, cfg.seed)
 
 
 @dataclasses.dataclass
 class _Run:
   """What the loop needs, built once from the config."""
 
-  workdir: str
   cfg: TrainConfig
   task: TaskConfig
   model: nn.Module  # deterministic (eval) model, for samples
-  tok: Tokenizer
+  tok: Optional[Tokenizer]  # None for objectives without text (images)
   partitioner: Partitioner
   manager: Any
   data_it: Any
@@ -164,9 +161,15 @@ class _Run:
     total = {k: sum(float(s[k]) for s in sums) for k in ("nll", "correct", "weight")}
     weight = max(total["weight"], 1.0)
     out = {"eval_loss": total["nll"] / weight, "eval_accuracy": total["correct"] / weight}
+    nsp = {k: sum(float(s[k]) for s in sums) for k in ("nsp_nll", "nsp_correct", "nsp_weight") if sums and k in sums[0]}
+    out.update({k: float(v) for k, v in finetune.extra_metrics(nsp, "eval_").items()})  # BERT's next sentence
     if isinstance(self.task.objective, Classification):  # accuracy, F1, MCC or Pearson/Spearman
       out = finetune.classification_metrics(sums, self.task.objective, out)
-    elif not isinstance(self.task.objective, MaskedLM):
+    if isinstance(self.task.objective, TextToText):  # generated strings: exact match (and class metrics)
+      out = {**out, "eval_token_accuracy": out.pop("eval_accuracy"), **finetune.text_to_text_metrics(
+          self.model, params, self.tok, self.task.objective, self.task.eval_source, self.cfg.batch_size,
+          self.cfg.eval_batches)}
+    elif not isinstance(self.task.objective, (MaskedLM, Classification)):
       out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
     return out, counts
 
@@ -180,12 +183,13 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
   that changes what the parameters mean is refused unless `allow_config_change`.
   """
   model_cfg, cfg, task = exp.model, exp.train, exp.task
-  partitioner, accum = setup_mesh(cfg, exp.mesh)
+  partitioner = Partitioner.from_config(exp.mesh)
+  accum = microbatches(cfg, partitioner.data_shards, jax.process_count())
   train_model, eval_model = build_model(model_cfg, deterministic=False), build_model(model_cfg)
   tuning = finetune.prepare(cfg, model_cfg)  # trainable patterns checked, init_from read: before any write
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.lock(workdir, force=force_unlock):
-    tok = make_tokenizer(task, model_cfg.vocab_size, workdir)
+    tok = tuning.make_tokenizer(task, model_cfg.vocab_size, workdir)  # init_from's tokenizer when it has one
     tx = make_optimizer(exp.optimizer, cfg.num_steps, tuning.trainable)
     schedule = make_schedule(exp.optimizer, cfg.num_steps)
     init, key = make_init(eval_model, tx, length=8), jax.random.key(cfg.seed)
@@ -204,17 +208,18 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
       state, _ = partitioner.init(init, key)
       state["params"] = tuning.init_params(state["params"], target["params"])  # init_from, when set
     log(f"model: {type(eval_model).__name__} ({model_cfg.architecture}), {count_params(state['params']):,} "
-        f"parameters; objective {type(task.objective).__name__}; vocab {tok.vocab_size}; devices "
+        f"parameters; objective {type(task.objective).__name__}; vocab {tok.vocab_size if tok else '-'}; devices "
         f"{jax.device_count()}; batch {cfg.batch_size} rows{' (packed)' if task.objective.pack else ''}, "
         f"{cfg.batch_size * task.max_length:,} token slots, {accum} microbatch(es); workdir {workdir}")
     with partitioner.context():
-      step_fn = jax.jit(make_train_step(train_model, tx, task.objective, cfg, schedule, accum, shardings["params"]),
+      step_fn = jax.jit(make_train_step(train_model, tx, task.objective, cfg, schedule, accum, shardings["params"],
+                                        tuning.trainable),
                         in_shardings=(shardings, partitioner.batch_sharding),
                         out_shardings=(shardings, partitioner.replicated), donate_argnums=0)
       eval_fn = jax.jit(make_eval_step(eval_model, task.objective),
                         in_shardings=(shardings["params"], partitioner.batch_sharding),
                         out_shardings=partitioner.replicated)
-      run = _Run(workdir, cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn,
+      run = _Run(cfg, task, eval_model, tok, partitioner, manager, data_it, step_fn, eval_fn,
                  model_cfg.vocab_size, meaning)
       writer = MetricWriter(workdir, start_step=int(state["step"]))
       try:
