@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
   params = init_params(build_model(cfg), jax.random.key(0))
   requests = request_mix(cfg, args)
   dev = jax.devices()[0]
-  path = os.path.join(tempfile.mkdtemp(), "system.npz")
+  path = os.path.join(tempfile.mkdtemp(), "system_prompt_cache")
   save_prompt_cache(cfg, params, requests[0].prompt[:args.system_len], path)
   runs = {"static": lambda: static(cfg, params, requests, args),
           "continuous": lambda: continuous(cfg, params, requests, args),

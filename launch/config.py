@@ -1,8 +1,9 @@
 """Gin at the edge: the one place that reads gin files and bindings and turns them into config objects.
 
 Library code never reads gin; it takes the objects built here (`experiment()` -> t_jax.training.Experiment).
-Gin names are the class names: ModelConfig, TrainConfig, OptimizerConfig, TaskConfig, MeshConfig, and the
-data classes used by configs/tasks/*.gin (PydocSource, TextFileSource, ParallelTextPrefix, CausalLM, ...).
+Gin names are the class names: ModelConfig, TrainConfig, OptimizerConfig, TaskConfig, MeshConfig,
+PagedCacheConfig (launch.decode's page pool), and the data classes used by configs/tasks/*.gin
+(PydocSource, TextFileSource, ParallelTextPrefix, CausalLM, ...).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import gin
 
 from t_jax import data
 from t_jax.data.task import TaskConfig
+from t_jax.inference.paged import PagedCacheConfig
 from t_jax.models import ModelConfig
 from t_jax.sharding import MeshConfig
 from t_jax.training import Experiment, OptimizerConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CONFIGS = (ModelConfig, TrainConfig, OptimizerConfig, TaskConfig, MeshConfig)
+CONFIGS = (ModelConfig, TrainConfig, OptimizerConfig, TaskConfig, MeshConfig, PagedCacheConfig)
 _DATA = (data.PydocSource, data.TextFileSource, data.ParallelTextSource, data.TfdsSource, data.CausalLM,
          data.PrefixLM, data.MaskedLM, data.SpanCorruption, data.Seq2Seq, data.Classification,
          data.AcceptabilitySource, data.TfdsClassificationSource, data.ImageClassification, data.DigitsSource,

@@ -3,6 +3,8 @@
   python -m launch.decode --workdir=DIR --prompt='Hello' [--method=sample --temperature=0.8 --top_p=0.9]
   python -m launch.decode --workdir=DIR --input_file=src.txt --output_file=out.txt --reference_file=ref.txt \\
       --method=beam
+  python -m launch.decode --workdir=DIR --prompt='Hello' --cache=paged \\
+      --gin_bindings='PagedCacheConfig.page_size=8'
 
 Outputs go to stdout, or with --output_file to that file; --reference_file adds two summary lines on
 stdout: sacreBLEU's BLEU and chrF, each with its signature. Errors: one `error:` line on stderr, exit 2.
@@ -12,17 +14,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from launch import error_line
-from t_jax.inference import CACHES, METHODS, generate
+from t_jax.inference import CACHES, METHODS, PagedCacheConfig, PoolExhausted, generate
 
 
 class UsageError(ValueError):
@@ -97,9 +101,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--repetition_penalty", type=float, default=None, help="CTRL penalty on seen tokens (1 = off).")
   p.add_argument("--no_repeat_ngram_size", type=int, default=None, help="Never repeat an n-gram (0 = off).")
-  p.add_argument("--prompt_cache", help="A t_jax.inference.save_prompt_cache file to continue from (paged cache).")
+  p.add_argument("--prompt_cache",
+                 help="A t_jax.inference.save_prompt_cache directory (Orbax) to continue from (paged cache).")
   p.add_argument("--cache", default="contiguous", choices=CACHES, help="KV cache layout (paged: a page pool).")
-  p.add_argument("--page_size", type=int, default=16, help="Positions per page (paged cache).")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="Gin file (searched in . and configs/); only its PagedCacheConfig bindings are used.")
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help="Gin binding, e.g. 'PagedCacheConfig.page_size=8' (repeatable).")
+  p.add_argument("--page_size", type=int, default=None,
+                 help="Positions per page (paged cache); overrides PagedCacheConfig.page_size (16).")
+  p.add_argument("--num_pages", type=int, default=None,
+                 help="Pages in the pool (paged cache); overrides PagedCacheConfig.num_pages (None: what "
+                 "each batch needs).")
   p.add_argument("--paged_impl", default=None, choices=("auto", "xla", "pallas"),
                  help="Paged decode attention (default: the run's ModelConfig.paged_attention_impl).")
   p.add_argument("--num_beams", type=int, default=None)
@@ -111,7 +124,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.batch_size < 1:
     raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+  args.paged = paged_config(args)
   return args
+
+
+def paged_config(args: argparse.Namespace) -> PagedCacheConfig:
+  """PagedCacheConfig from --gin_file / --gin_bindings, then --page_size / --num_pages (ValueError if bad)."""
+  paged = PagedCacheConfig()
+  other = [b for b in args.gin_bindings if not re.match(r"\s*([\w.]+\.)?PagedCacheConfig\.", b)]
+  if other:
+    raise UsageError(f"--gin_bindings sets only PagedCacheConfig here, not {other[0]!r}")
+  if args.gin_file or args.gin_bindings:
+    from launch import config  # imported lazily: it loads the training and data modules for gin
+    config.parse(args.gin_file, args.gin_bindings)
+    paged = config.build(PagedCacheConfig)
+  overrides = {k: getattr(args, k) for k in ("page_size", "num_pages") if getattr(args, k) is not None}
+  try:
+    return dataclasses.replace(paged, **overrides)
+  except ValueError as e:
+    raise UsageError(f"{e} (--page_size / --num_pages)") from e
 
 
 def decode_texts(cfg: Any, params: Any, tokenizer: Any, texts: list[str], args: argparse.Namespace,
@@ -123,7 +154,7 @@ def decode_texts(cfg: Any, params: Any, tokenizer: Any, texts: list[str], args: 
   if args.prompt_cache:
     opts["prompt_cache"] = args.prompt_cache
   if args.prompt_cache or args.cache == "paged":
-    opts.update(cache="paged", page_size=args.page_size, paged_impl=args.paged_impl)
+    opts.update(cache="paged", paged_impl=args.paged_impl, **dataclasses.asdict(args.paged))
   if draft is not None:
     opts.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
   outs = []
@@ -168,10 +199,11 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point; returns the exit status (2 with one `error:` line on stderr for bad flags, files or requests)."""
+  """Entry point; returns the exit status (2 with one `error:` line on stderr for bad flags, gin, files or
+  requests)."""
   try:
     lines = run(parse_args(argv))
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, PoolExhausted) as e:  # PoolExhausted: --num_pages too small
     print(f"error: {error_line(e)}", file=sys.stderr)
     return 2
   for line in lines:

@@ -43,6 +43,30 @@ def test_outputs_one_line_per_input_and_scores(tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().out.splitlines() == [outs[0]]
 
 
+def test_gin_bindings_set_the_page_pool(tmp_path, monkeypatch, capsys):
+  """PagedCacheConfig bindings (--gin_bindings, --gin_file) reach generate(); --page_size overrides them."""
+  cfg = tiny()
+  params = params_for(cfg)
+  monkeypatch.setattr(decode, "load_run", lambda workdir: (cfg, params, CharTokenizer()))
+  calls = []
+  monkeypatch.setattr(decode, "generate", lambda *a, **kw: calls.append(kw) or generate(*a, **kw))
+  common = ["--workdir", str(tmp_path), "--prompt", "abc", "--max_new_tokens", "4"]
+  assert decode.main(common) == 0
+  want = capsys.readouterr().out
+  (tmp_path / "pool.gin").write_text("PagedCacheConfig.page_size = 3\n")
+  for extra, page_size, num_pages in [
+      (["--gin_bindings", "PagedCacheConfig.page_size=3", "--gin_bindings", "PagedCacheConfig.num_pages=9"], 3, 9),
+      (["--gin_file", str(tmp_path / "pool.gin")], 3, None),
+      (["--gin_file", str(tmp_path / "pool.gin"), "--page_size", "5"], 5, None)]:
+    assert decode.main(common + ["--cache", "paged", *extra]) == 0
+    assert (calls[-1]["cache"], calls[-1]["page_size"], calls[-1]["num_pages"]) == ("paged", page_size, num_pages)
+    assert capsys.readouterr().out == want  # the same greedy tokens on any page size
+  # The pool the bindings size is the one used: 1 page of 3 positions cannot hold the request.
+  assert decode.main(common + ["--cache", "paged", "--gin_file", str(tmp_path / "pool.gin"),
+                               "--gin_bindings", "PagedCacheConfig.num_pages=1"]) == 2
+  assert "KV page pool exhausted" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--workdir", "x"], "give --prompt and/or --input_file"),
     (["--workdir", "x", "--prompt", "ab", "--method", "beam", "--top_k", "3"], "deterministic"),
@@ -52,7 +76,19 @@ def test_outputs_one_line_per_input_and_scores(tmp_path, monkeypatch, capsys):
     (["--prompt", "ab"], "required: --workdir"),
     (["--workdir", "x", "--prompt", "ab", "--reference_file", "/nonexistent/ref.txt"], "No such file"),
     (["--workdir", "x", "--prompt", "ab", "--output_file", "/nonexistent/out.txt"], "no directory"),
-], ids=["no_input", "beam_top_k", "penalty", "batch", "int", "workdir", "reference", "output"])
+    (["--workdir", "x", "--prompt", "ab", "--max_new_tokens", "4", "--prompt_cache", "/nonexistent/cache"],
+     "no prompt cache directory"),
+    (["--workdir", "x", "--prompt", "ab", "--gin_bindings", "PagedCacheConfig.page_size=0"],
+     "PagedCacheConfig.page_size must be an int >= 1"),
+    (["--workdir", "x", "--prompt", "ab", "--gin_bindings", "PagedCacheConfig.page_size='big'"],
+     "PagedCacheConfig.page_size='big' must be int"),
+    (["--workdir", "x", "--prompt", "ab", "--gin_bindings", "PagedCacheConfig.pages=3"], "bad gin config"),
+    (["--workdir", "x", "--prompt", "ab", "--gin_bindings", "ModelConfig.dtype='bfloat16'"],
+     "sets only PagedCacheConfig"),
+    (["--workdir", "x", "--prompt", "ab", "--gin_file", "nonexistent.gin"], "gin file not found"),
+    (["--workdir", "x", "--prompt", "ab", "--num_pages", "0"], "--num_pages"),
+], ids=["no_input", "beam_top_k", "penalty", "batch", "int", "workdir", "reference", "output", "prompt_cache",
+        "gin_value", "gin_type", "gin_field", "gin_class", "gin_file", "num_pages"])
 def test_bad_command_lines(argv, match, monkeypatch, capsys):
   cfg = tiny()
   monkeypatch.setattr(decode, "load_run", lambda workdir: (cfg, params_for(cfg), CharTokenizer()))
@@ -107,3 +143,22 @@ def test_cli_process_errors_are_one_line(workdir, args):
   res = run_cli("--workdir", str(workdir[0]), *args)
   assert res.returncode == 2 and res.stdout == ""
   assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr[-3000:]
+
+
+def test_cli_process_prompt_cache(workdir, tmp_path):
+  """--prompt_cache (an Orbax directory) continues like recomputing; a damaged one is one `error:` line."""
+  from t_jax.inference import save_prompt_cache
+  path, cfg, params, tok = workdir
+  cache = tmp_path / "cache"
+  save_prompt_cache(cfg, params, [tok.bos_id, *tok.encode("the quick")], str(cache), tokenizer=tok)
+  args = ("--workdir", str(path), "--prompt", "the quick brown", "--max_new_tokens", "4", "--prompt_cache", str(cache))
+  res = run_cli(*args, "--page_size", "4")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.splitlines() == generate(cfg, params, ["the quick brown"], 4, tokenizer=tok, pad_multiple=8)
+  for f in (cache / "kv").rglob("*"):  # the arrays' data lost, the metadata kept
+    if f.is_file() and f.parent.name == "d":
+      f.unlink()
+  res = run_cli(*args)
+  assert res.returncode == 2 and res.stdout == ""
+  assert len(res.stderr.splitlines()) == 1 and "damaged or not a save_prompt_cache directory" in res.stderr, \
+      res.stderr[-3000:]

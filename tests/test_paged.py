@@ -201,9 +201,13 @@ def test_allocator_shares_frees_and_refuses_when_exhausted():
 def test_prompt_cache_continues_like_recomputing(tmp_path):
   cfg = tiny()
   params = params_for(cfg)
-  path = str(tmp_path / "prompt.npz")
+  path = str(tmp_path / "prompt")
   pc = save_prompt_cache(cfg, params, [5, 6, 7, 8, 9], path)
-  assert pc.k.shape == (2, 5, 2, 8)
+  assert pc.k.shape == (2, 5, 2, 8) and {"kv", "meta"} <= set(os.listdir(path))  # an Orbax composite checkpoint
+  back = load_prompt_cache(path, cfg, params)
+  assert back.tokens == pc.tokens and back.k.dtype == pc.k.dtype
+  np.testing.assert_array_equal(back.k, pc.k)
+  np.testing.assert_array_equal(back.v, pc.v)
   # The whole prompt, a longer one, and one that leaves it mid-page (page 2: positions 2-3 copied).
   rows = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 1, 2]]
   want = generate(cfg, params, rows, 8)
@@ -219,10 +223,33 @@ def test_prompt_cache_continues_like_recomputing(tmp_path):
     load_prompt_cache(path, other, params_for(other))
 
 
+def test_prompt_cache_directory_errors(tmp_path):
+  """Missing, damaged or foreign directories: a ValueError naming the path; only caches are overwritten."""
+  cfg = tiny()
+  params = params_for(cfg)
+  path = tmp_path / "prompt"
+  with pytest.raises(ValueError, match="no prompt cache directory at .*prompt"):
+    load_prompt_cache(str(path), cfg, params)
+  save_prompt_cache(cfg, params, [5, 6, 7], str(path))
+  save_prompt_cache(cfg, params, [5, 6, 7, 8], str(path))  # replaces the cache
+  assert load_prompt_cache(str(path), cfg, params).tokens == (5, 6, 7, 8)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="exists and is not a prompt cache"):
+    save_prompt_cache(cfg, params, [5, 6, 7], str(tmp_path / "other"))
+  with pytest.raises(ValueError, match="damaged or not a save_prompt_cache directory"):
+    load_prompt_cache(str(tmp_path / "other"), cfg, params)
+  for f in (path / "kv").rglob("*"):  # the arrays' data lost, the metadata kept
+    if f.is_file() and f.parent.name == "d":
+      f.unlink()
+  with pytest.raises(ValueError, match="damaged or not a save_prompt_cache directory"):
+    load_prompt_cache(str(path), cfg, params)
+
+
 def test_engine_equals_each_request_alone_and_shares_prefix_pages(tmp_path):
   cfg = tiny()
   params = params_for(cfg)
-  path = str(tmp_path / "system.npz")
+  path = str(tmp_path / "system")
   save_prompt_cache(cfg, params, [5, 6, 7, 8, 9, 10], path)  # pages 0, 1 (of 4 positions)
   requests = [([5, 6, 7, 8, 9, 10, 11], 9), ([9, 10], 3), ([5, 6, 7, 8, 9, 1], 12), ([5, 6, 7, 8, 9, 10], 5),
               ([3], 1), ([11, 12, 13, 14, 15], 7)]

@@ -7,7 +7,7 @@ paged cache, or a saved prompt cache: see its docstring), `generate_sharded` (th
 
 from t_jax.inference.api import CACHES, METHODS, Plan, generate, generate_sharded, prepare
 from t_jax.inference.engine import Engine
-from t_jax.inference.paged import PageAllocator, PoolExhausted
+from t_jax.inference.paged import PageAllocator, PagedCacheConfig, PoolExhausted
 from t_jax.inference.penalties import Penalty, ngram_bans, seen_tokens
 from t_jax.inference.prompt_cache import PromptCache, load_prompt_cache, save_prompt_cache
 from t_jax.inference.runner import Runner, left_pad_positions

@@ -328,7 +328,7 @@ def generate(model_or_cfg: Any, params: PyTree, prompt_tokens: Any, max_new_toke
   paged.PoolExhausted); beams share their prompt's pages. paged_impl ('auto' | 'xla' | 'pallas', default
   the config's paged_attention_impl) picks the decode-step attention: 'xla' gathers each row's pages,
   'pallas' runs t_jax/kernels/paged_attention.py ('auto': XLA on device kinds the kernel never ran on).
-  prompt_cache= (a file from save_prompt_cache, implies cache='paged'; decoder / prefix-LM models, not
+  prompt_cache= (a directory from save_prompt_cache, implies cache='paged'; decoder / prefix-LM models, not
   speculative) continues from its saved KV: rows that start with its prompt do not recompute it and share
   its full pages.
   """

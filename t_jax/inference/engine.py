@@ -86,6 +86,7 @@ class Engine:
   decode steps per program (one host round trip); a step that runs k < decode_chunk steps does so because
   a request ends after k, so a slot frees as soon as a request is done, but a request that arrives (or one
   that ends at EOS) mid-chunk waits for the chunk to end. 1 = admit between every two steps.
+  prompt_cache: a save_prompt_cache directory whose pages every request starting with its prompt shares.
   """
 
   def __init__(self, model_or_cfg: Any, params: PyTree, *, max_batch: int = 8, page_size: int = 16,

@@ -64,6 +64,22 @@ class PageAllocator:
         self._free.append(p)
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedCacheConfig:
+  """A run's page pool (launchers fill it from gin): generate(cache='paged', **dataclasses.asdict(it))."""
+
+  page_size: int = 16  # positions per page
+  num_pages: Optional[int] = None  # pages in the pool; None = exactly what each generate() call needs
+
+  def __post_init__(self) -> None:
+    """Rejects sizes that are not ints >= 1, naming the field."""
+    positive = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+    if not positive(self.page_size):
+      raise ValueError(f"PagedCacheConfig.page_size must be an int >= 1, got {self.page_size!r}")
+    if self.num_pages is not None and not positive(self.num_pages):
+      raise ValueError(f"PagedCacheConfig.num_pages must be an int >= 1 or None, got {self.num_pages!r}")
+
+
 def num_pages_for(tokens: int, page_size: int) -> int:
   """Pages that hold `tokens` positions."""
   return -(-tokens // page_size)

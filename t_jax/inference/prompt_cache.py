@@ -1,8 +1,9 @@
-"""Prompt caches on disk: a prompt's KV computed once, saved (numpy .npz) and continued from later.
+"""Prompt caches on disk: a prompt's KV computed once, saved with Orbax and continued from later.
 
-The file holds the prompt's token ids, k and v [layers, prompt_len, kv_heads, head_dim] and a fingerprint:
-the model config without its run-time fields (models.config.RUNTIME_FIELDS), a hash of the parameter
-shapes and the tokenizer's id. A cache whose fingerprint differs from the model it is loaded for is refused.
+A cache is a directory (an Orbax composite checkpoint): item `kv` holds the prompt's token ids and k, v
+[layers, prompt_len, kv_heads, head_dim]; item `meta` (JSON) the fingerprint: the model config without its
+run-time fields (models.config.RUNTIME_FIELDS), a hash of the parameter shapes and the tokenizer's id. A cache
+whose fingerprint differs from the model it is loaded for is refused before its arrays are read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -23,7 +25,8 @@ from t_jax.inference.runner import Runner, model_config
 from t_jax.models import ModelConfig
 from t_jax.models.config import RUNTIME_FIELDS
 
-FORMAT = 1
+FORMAT = 2  # 1: a numpy .npz file
+ITEMS = ("kv", "meta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +73,58 @@ def prompt_kv(cfg: ModelConfig, params: Any, prompt_ids: list[int]) -> PromptCac
   return PromptCache(tokens, k, v)
 
 
+def _orbax() -> tuple[Any, Any]:
+  """(orbax.checkpoint, a composite Checkpointer); imported here so that `generate` alone stays light."""
+  import orbax.checkpoint as ocp
+  return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _restore(path: str, item: str) -> Any:
+  """One item ('kv' or 'meta') of the cache at `path`; ValueError when it is missing or damaged."""
+  if not os.path.isdir(path):
+    raise ValueError(f"no prompt cache directory at {path} (save_prompt_cache writes one; .npz caches from "
+                     "before format 2 must be saved again)")
+  ocp, ckptr = _orbax()
+  args = ocp.args.JsonRestore() if item == "meta" else ocp.args.StandardRestore()
+  try:
+    with ckptr:
+      return ckptr.restore(os.path.abspath(path), args=ocp.args.Composite(**{item: args}))[item]
+  except (OSError, KeyError, ValueError) as e:
+    cause = " ".join(str(e).split()).split(" [tensorstore_spec=")[0][:300]  # tensorstore appends its whole spec
+    raise ValueError(f"prompt cache {path} is damaged or not a save_prompt_cache directory: {cause}") from e
+
+
 def save_prompt_cache(model_or_cfg: Any, params: Any, prompt_ids: list[int], path: str,
                       tokenizer: Any = None) -> PromptCache:
-  """Computes the prompt's KV and writes it with the model's fingerprint to `path` (an .npz file)."""
+  """Computes the prompt's KV and writes it with the model's fingerprint to the directory `path` (Orbax).
+
+  An existing prompt cache or empty directory at `path` is replaced; anything else there is refused.
+  """
   cfg = model_config(model_or_cfg)
+  replaceable = not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)) or all(
+      os.path.isdir(os.path.join(path, item)) for item in ITEMS)
+  if not replaceable:
+    raise ValueError(f"{path} exists and is not a prompt cache; refusing to overwrite it")
   pc = prompt_kv(cfg, params, prompt_ids)
-  meta = json.dumps(fingerprint(cfg, params, tokenizer))
-  with open(path, "wb") as f:
-    np.savez(f, tokens=np.asarray(pc.tokens, np.int32), k=pc.k, v=pc.v, meta=np.asarray(meta))
+  kv = dict(tokens=np.asarray(pc.tokens, np.int32), k=pc.k, v=pc.v)
+  ocp, ckptr = _orbax()
+  with ckptr:
+    ckptr.save(os.path.abspath(path), force=True, args=ocp.args.Composite(
+        kv=ocp.args.StandardSave(kv), meta=ocp.args.JsonSave(fingerprint(cfg, params, tokenizer))))
   return pc
 
 
 def load_prompt_cache(path: str, model_or_cfg: Any, params: Any, tokenizer: Any = None) -> PromptCache:
-  """The cache at `path`; ValueError naming the difference if it was made for another model or tokenizer."""
+  """The cache in directory `path`; ValueError naming the difference if it was made for another model or
+  tokenizer, or saying what is wrong when the directory is missing or damaged."""
   cfg = model_config(model_or_cfg)
-  with np.load(path, allow_pickle=False) as f:
-    meta, tokens, k, v = json.loads(str(f["meta"])), f["tokens"], f["k"], f["v"]
-  want = fingerprint(cfg, params, tokenizer)
+  meta, want = _restore(path, "meta"), fingerprint(cfg, params, tokenizer)
+  meta = meta if isinstance(meta, dict) else {}
   if meta != want:
-    diff = [f"{name}: cache {meta['model'].get(name)!r} vs model {value!r}"
+    diff = [f"{name}: cache {meta.get('model', {}).get(name)!r} vs model {value!r}"
             for name, value in want["model"].items() if meta.get("model", {}).get(name) != value]
     diff += [f"{key}: cache {meta.get(key)!r} vs model {want[key]!r}"
              for key in ("format", "param_shapes", "tokenizer") if meta.get(key) != want[key]]
     raise ValueError(f"prompt cache {path} was made for a different model; refusing it ({'; '.join(diff)})")
-  return PromptCache(tuple(tokens.tolist()), k, v)
+  kv = _restore(path, "kv")
+  return PromptCache(tuple(np.asarray(kv["tokens"]).tolist()), np.asarray(kv["k"]), np.asarray(kv["v"]))
