@@ -41,3 +41,22 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def _slow_tier() -> list[str]:
+  text = (Path(__file__).parent / "slow_tests.txt").read_text()
+  return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the cases listed in tests/slow_tests.txt `slow`; a stale entry fails a whole-suite collection."""
+  prefixes, used = _slow_tier(), set()
+  for item in items:
+    nodeid = item.nodeid.removeprefix("tests/")
+    hits = [p for p in prefixes if nodeid.startswith(p)]
+    if hits:
+      item.add_marker(pytest.mark.slow)
+      used.update(hits)
+  whole_suite = all(Path(a).resolve() == REPO / "tests" for a in config.args) and not config.option.keyword
+  if whole_suite and set(prefixes) - used:
+    raise pytest.UsageError(f"tests/slow_tests.txt names no collected test: {sorted(set(prefixes) - used)}")

@@ -244,7 +244,7 @@ def test_tiny_speech_train_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (apt-get install espeak-ng; .ci/run does)")
+@pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_espeak_corpus_train_and_wer(tmp_path):
   """launch.make_speech_corpus -> launch.train (speech_digits.gin, a few steps) -> launch.speech_wer."""
   corpus = tmp_path / "corpus"
