@@ -307,3 +307,23 @@ def test_live_exported_vit_loads_in_transformers(tmp_path):
     want = m(pixel_values=torch.tensor(images.transpose(0, 3, 1, 2), dtype=torch.float64)).logits.numpy()
   got = np.asarray(model.apply({"params": params}, images))
   assert np.abs(got - want).max() / np.abs(want).max() < TOL
+
+
+def test_tfds_image_source_registers_image_datasets_on_a_miss(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from t_jax.data.images import TfdsImageSource
+
+  records, imported = [{"image": np.full((2, 2, 1), 7, np.uint8), "label": np.int64(3)}], []
+  def data_source(name, split, data_dir):  # found only once the image modules are imported
+    if "tensorflow_datasets.image_classification" not in imported:
+      raise tfds.core.registered.DatasetNotFoundError(name)
+    return records
+  real_import = __import__("importlib").import_module
+  monkeypatch.setattr("importlib.import_module", lambda m: imported.append(m) or real_import(m))
+  monkeypatch.setattr(tfds, "data_source", data_source)
+  src = TfdsImageSource("mnist", "test")
+  assert imported == ["tensorflow_datasets.image_classification"] and len(src) == 1
+  assert src[0]["label"] == 3 and src[0]["image"].shape == (2, 2, 1) and src.stats == {"images": 1}
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir: [])
+  with pytest.raises(ValueError, match="no records"):
+    TfdsImageSource("mnist", "test")

@@ -139,7 +139,7 @@ class TfdsSpeechSource:
                text_key: str = "text", lowercase: bool = True, data_dir: Optional[str] = None) -> None:
     self.name = f"TfdsSpeechSource({name!r}, split={split!r})"
     self.audio_key, self.text_key, self.lowercase = audio_key, text_key, lowercase
-    self._source = _tfds_data_source(name, split, data_dir)
+    self._source = _tfds_data_source(name, split, data_dir, modules=("audio",))
     if len(self._source) == 0:
       raise ValueError(f"{self.name}: no records")
     self.counts = Counts()

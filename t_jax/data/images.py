@@ -29,7 +29,6 @@ Sources (records {"image": uint8 [H, W, C], "label": int}):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import ClassVar, Optional
 
@@ -37,7 +36,7 @@ import numpy as np
 
 from t_jax.data.classification import Classification
 from t_jax.data.objectives import Row
-from t_jax.data.sources import Counts, Example, InMemorySource
+from t_jax.data.sources import Counts, Example, InMemorySource, _tfds_data_source
 from t_jax.data.tokenizer import Tokenizer
 
 AUGMENTATIONS = (None, "crop", "flip_crop", "inception_crop")
@@ -193,17 +192,6 @@ class DigitsSource(InMemorySource):
     return {"images": len(self)}
 
 
-def _tfds_image_source(name: str, split: str, data_dir: Optional[str]) -> object:
-  """`tfds.data_source`, retried once after importing TFDS's lazily-registered image modules."""
-  import tensorflow_datasets as tfds
-
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    importlib.import_module("tensorflow_datasets.image_classification")
-    return tfds.data_source(name, split=split, data_dir=data_dir)
-
-
 class TfdsImageSource:
   """A labelled TFDS image dataset (mnist, cifar10, imagenet2012, ...) read through tfds.data_source."""
 
@@ -211,7 +199,7 @@ class TfdsImageSource:
                data_dir: Optional[str] = None) -> None:
     self.name = f"TfdsImageSource({name!r}, split={split!r})"
     self.image_key, self.label_key = image_key, label_key
-    self._source = _tfds_image_source(name, split, data_dir)
+    self._source = _tfds_data_source(name, split, data_dir, modules=("image_classification",))
     if len(self._source) == 0:
       raise ValueError(f"{self.name}: no records")
     self.counts = Counts()

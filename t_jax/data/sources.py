@@ -309,14 +309,17 @@ class PydocSource(InMemorySource):
     super().__init__(examples, f"PydocSource({split!r}, unit={unit!r})", counts)
 
 
-def _tfds_data_source(name: str, split: str, data_dir: str | None) -> object:
-  """`tfds.data_source`, retried once after importing TFDS's lazily-registered text modules."""
+TEXT_MODULES = ("text", "translate", "summarization", "question_answering")
+
+
+def _tfds_data_source(name: str, split: str, data_dir: str | None, modules: Sequence[str] = TEXT_MODULES) -> object:
+  """`tfds.data_source`, retried once after importing TFDS's lazily-registered `modules` (text ones by default)."""
   import tensorflow_datasets as tfds
 
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:  # importing these registers them, without TensorFlow
-    for module in ("text", "translate", "summarization", "question_answering"):
+    for module in modules:
       importlib.import_module(f"tensorflow_datasets.{module}")
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
