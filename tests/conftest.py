@@ -57,6 +57,7 @@ def pytest_collection_modifyitems(config, items):
     if hits:
       item.add_marker(pytest.mark.slow)
       used.update(hits)
+  stale = sorted(set(prefixes) - used)
   whole_suite = all(Path(a).resolve() == REPO / "tests" for a in config.args) and not config.option.keyword
-  if whole_suite and set(prefixes) - used:
-    raise pytest.UsageError(f"tests/slow_tests.txt names no collected test: {sorted(set(prefixes) - used)}")
+  if whole_suite and stale:
+    raise pytest.UsageError(f"tests/slow_tests.txt names no collected test: {stale}")

@@ -5,6 +5,7 @@ The HF checkpoints and float64 reference logits in tests/fixtures/hf/vit_* come 
 tests/fixtures/make_hf_fixtures.py; with T_JAX_HF_LIVE=1 the parity test also runs the installed transformers.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -318,8 +319,8 @@ def test_tfds_image_source_registers_image_datasets_on_a_miss(monkeypatch):
     if "tensorflow_datasets.image_classification" not in imported:
       raise tfds.core.registered.DatasetNotFoundError(name)
     return records
-  real_import = __import__("importlib").import_module
-  monkeypatch.setattr("importlib.import_module", lambda m: imported.append(m) or real_import(m))
+  real_import = importlib.import_module
+  monkeypatch.setattr(importlib, "import_module", lambda m: imported.append(m) or real_import(m))
   monkeypatch.setattr(tfds, "data_source", data_source)
   src = TfdsImageSource("mnist", "test")
   assert imported == ["tensorflow_datasets.image_classification"] and len(src) == 1
