@@ -315,10 +315,16 @@ def test_head_and_objective_must_agree():
     _cfg(pooling="max")
 
 
-def test_glue_experiment_reads_tfds_records(monkeypatch):
+@pytest.fixture
+def glue_records(monkeypatch):
+  """tfds.data_source returns three glue/cola-shaped records, the last from a test split (label -1)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
   records = [{"sentence": b"The cat sat.", "label": np.int64(1)}, {"sentence": b"Cat the sat.", "label": np.int64(0)},
              {"sentence": b"Unlabelled.", "label": np.int64(-1)}]
-  monkeypatch.setattr("t_jax.data.classification._tfds_data_source", lambda name, split, data_dir: records)
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir: records)
+
+
+def test_glue_experiment_reads_tfds_records(glue_records):
   config.parse(["experiments/bert_finetune_glue.gin"])
   exp = config.experiment()
   assert exp.model.num_classes == 2 and exp.train.init_from == "workdirs/bert_mlm"
@@ -401,10 +407,7 @@ def test_tiny_finetune_beats_bag_of_words(shared_dir, tmp_path):
 # ---------------------------------------------------------------- T5 text-to-text
 
 
-def test_text_to_text_sources_and_the_glue_config(monkeypatch):
-  records = [{"sentence": b"The cat sat.", "label": np.int64(1)}, {"sentence": b"Cat the sat.", "label": np.int64(0)},
-             {"sentence": b"Unlabelled.", "label": np.int64(-1)}]
-  monkeypatch.setattr("t_jax.data.classification._tfds_data_source", lambda name, split, data_dir: records)
+def test_text_to_text_sources_and_the_glue_config(glue_records):
   config.parse(["experiments/t5_finetune_glue.gin"])
   exp = config.experiment()
   assert exp.model.architecture == "encoder_decoder" and exp.train.init_from == "checkpoints/t5-v1_1-small"

@@ -36,7 +36,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from t_jax.data.objectives import Objective, Row
-from t_jax.data.sources import Counts, Example, _tfds_data_source
+from t_jax.data.sources import Example, TfdsRecords
 from t_jax.data.tokenizer import Tokenizer
 
 SAMPLE_RATE = 16000
@@ -132,20 +132,15 @@ class SpeechCorpusSource:
     return f"{self.name} ({len(self)} utterances)"
 
 
-class TfdsSpeechSource:
+class TfdsSpeechSource(TfdsRecords):
   """A TFDS speech dataset (librispeech: 16 kHz int16 'speech', 'text') via tfds.data_source, no TensorFlow."""
+
+  modules = ("audio",)
 
   def __init__(self, name: str = "librispeech", split: str = "train_clean100", *, audio_key: str = "speech",
                text_key: str = "text", lowercase: bool = True, data_dir: Optional[str] = None) -> None:
-    self.name = f"TfdsSpeechSource({name!r}, split={split!r})"
+    super().__init__(name, split, data_dir)
     self.audio_key, self.text_key, self.lowercase = audio_key, text_key, lowercase
-    self._source = _tfds_data_source(name, split, data_dir, modules=("audio",))
-    if len(self._source) == 0:
-      raise ValueError(f"{self.name}: no records")
-    self.counts = Counts()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, index: int) -> Optional[dict]:
     record = self._source[index]
@@ -158,11 +153,6 @@ class TfdsSpeechSource:
     if np.issubdtype(audio.dtype, np.integer):  # TFDS Audio features hold int16 values
       audio = audio.astype(np.float32) / 32768.0
     return {"audio": audio.astype(np.float32).reshape(-1), "text": text.lower() if self.lowercase else text}
-
-  @property
-  def stats(self) -> dict[str, int]:
-    """Records, plus those found empty so far."""
-    return {"documents": len(self), **self.counts.as_dict()}
 
 
 @dataclasses.dataclass

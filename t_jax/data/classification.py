@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 
 from t_jax.data.objectives import Objective, Row, Seq2Seq
-from t_jax.data.sources import Counts, Example, InMemorySource, TextFileSource, _decode, _tfds_data_source
+from t_jax.data.sources import Counts, Example, InMemorySource, TextFileSource, TfdsRecords, _decode
 from t_jax.data.tokenizer import Tokenizer
 
 
@@ -151,21 +151,14 @@ class AcceptabilitySource(InMemorySource):
     super().__init__(examples, f"AcceptabilitySource({path!r}, seed={seed})", counts)
 
 
-class TfdsClassificationSource:
+class TfdsClassificationSource(TfdsRecords):
   """A labelled TFDS dataset (e.g. glue/cola, glue/sst2, glue/mrpc with text_pair_key) via tfds.data_source."""
 
   def __init__(self, name: str, split: str = "train", *, text_key: str = "sentence",
                text_pair_key: Optional[str] = None, label_key: str = "label", data_dir: Optional[str] = None) -> None:
-    self.name = f"TfdsClassificationSource({name!r}, split={split!r})"
+    super().__init__(name, split, data_dir)
     self.keys = {"text": text_key, **({"text_pair": text_pair_key} if text_pair_key else {})}
     self.label_key = label_key
-    self._source = _tfds_data_source(name, split, data_dir)
-    if len(self._source) == 0:
-      raise ValueError(f"{self.name}: no records")
-    self.counts = Counts()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, index: int) -> Optional[Example]:
     record = self._source[index]
@@ -174,11 +167,6 @@ class TfdsClassificationSource:
       return None
     out = {k: _decode(record[feature], self.counts, None) for k, feature in self.keys.items()}
     return None if None in out.values() else {**out, "label": str(label)}
-
-  @property
-  def stats(self) -> dict[str, int]:
-    """Records, plus those found empty or undecodable so far."""
-    return {"documents": len(self), **self.counts.as_dict()}
 
 
 class TextToTextSource:

@@ -36,7 +36,7 @@ import numpy as np
 
 from t_jax.data.classification import Classification
 from t_jax.data.objectives import Row
-from t_jax.data.sources import Counts, Example, InMemorySource, _tfds_data_source
+from t_jax.data.sources import Example, InMemorySource, TfdsRecords
 from t_jax.data.tokenizer import Tokenizer
 
 AUGMENTATIONS = (None, "crop", "flip_crop", "inception_crop")
@@ -192,20 +192,15 @@ class DigitsSource(InMemorySource):
     return {"images": len(self)}
 
 
-class TfdsImageSource:
+class TfdsImageSource(TfdsRecords):
   """A labelled TFDS image dataset (mnist, cifar10, imagenet2012, ...) read through tfds.data_source."""
+
+  modules = ("image_classification",)
 
   def __init__(self, name: str, split: str = "train", *, image_key: str = "image", label_key: str = "label",
                data_dir: Optional[str] = None) -> None:
-    self.name = f"TfdsImageSource({name!r}, split={split!r})"
+    super().__init__(name, split, data_dir)
     self.image_key, self.label_key = image_key, label_key
-    self._source = _tfds_data_source(name, split, data_dir, modules=("image_classification",))
-    if len(self._source) == 0:
-      raise ValueError(f"{self.name}: no records")
-    self.counts = Counts()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, index: int) -> Example:
     record = self._source[index]

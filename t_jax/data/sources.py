@@ -324,7 +324,29 @@ def _tfds_data_source(name: str, split: str, data_dir: str | None, modules: Sequ
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
-class TfdsSource:
+class TfdsRecords:
+  """Base of the TFDS sources: `name`/`split` opened with `_tfds_data_source`, an empty split refused."""
+
+  modules: Sequence[str] = TEXT_MODULES  # the TFDS modules whose import registers the dataset on a miss
+  empty: str = "no records"
+
+  def __init__(self, name: str, split: str, data_dir: str | None) -> None:
+    self.name = f"{type(self).__name__}({name!r}, split={split!r})"
+    self._source = _tfds_data_source(name, split, data_dir, self.modules)
+    if len(self._source) == 0:
+      raise ValueError(f"{self.name}: {self.empty}")
+    self.counts = Counts()
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Records, plus those found empty or undecodable so far."""
+    return {"documents": len(self), **self.counts.as_dict()}
+
+
+class TfdsSource(TfdsRecords):
   """A TFDS dataset read through `tfds.data_source` (ArrayRecord, random access, no TensorFlow).
 
   `keys` maps output keys to TFDS feature keys: 'text' -> {'text': ex['text']};
@@ -332,20 +354,16 @@ class TfdsSource:
   an empty or undecodable feature yields None (counted once per record).
   """
 
+  empty = "no documents"
+
   def __init__(self, name: str, split: str = "train", *, keys: str | Sequence[str] | Mapping[str, str] = "text",
                data_dir: str | None = None, max_chars: int | None = MAX_CHARS) -> None:
-    self.name = f"TfdsSource({name!r}, split={split!r})"
+    super().__init__(name, split, data_dir)
     keys = [keys] if isinstance(keys, str) else keys
     self.keys = dict(keys) if isinstance(keys, Mapping) else {k: k for k in keys}
     self.max_chars = max_chars
-    self._source = _tfds_data_source(name, split, data_dir)
-    if len(self._source) == 0:
-      raise ValueError(f"{self.name}: no documents")
     self._seen: dict[str, set[int]] = {"empty": set(), "undecodable": set(), "truncated": set()}  # indices
     self._lock = threading.Lock()
-
-  def __len__(self) -> int:
-    return len(self._source)
 
   def __getitem__(self, index: int) -> Example | None:
     record, counts, out = self._source[index], Counts(), {}

@@ -6,6 +6,8 @@ import dataclasses
 import re
 from typing import Optional
 
+from t_jax.attention.variants import KINDS as ATTENTION_KINDS
+
 ARCHITECTURES = ("decoder", "prefix_lm", "encoder", "encoder_decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "t5_relative", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
@@ -19,7 +21,6 @@ RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "scan_layers", "remat_policy
                            | {f"attention_{n}" for n in KERNEL_OPTIONS})
 DTYPES = ("float32", "bfloat16", "float16")  # dtype strings; jax and flax take them as they are
 POOLINGS = ("cls", "first", "mean", "last")  # sequence heads (t_jax/models/heads.py)
-ATTENTION_KINDS = ("softmax", "performer", "rfa", "bigbird", "lsh", "aft")  # t_jax/attention/variants.py
 INPUT_STEMS = ("tokens", "patches", "audio")  # what turns the inputs into vectors (t_jax/models/transformer.py)
 
 
