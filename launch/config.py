@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +94,8 @@ def _check_types(cls: type, values: dict[str, Any]) -> None:
   hints = typing.get_type_hints(cls)
   for name, value in values.items():
     hint = hints.get(name)
-    allowed = tuple(t for t in typing.get_args(hint) or (hint,) if t in (int, float, str, bool))
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    allowed = tuple(t for t in options if t in (int, float, str, bool))
     if not allowed or value is None or isinstance(value, allowed):
       continue
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed:

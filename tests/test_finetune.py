@@ -228,6 +228,26 @@ def test_init_from_restores_the_body_and_initialises_the_head(tmp_path):
   assert all(np.array_equal(source[k], hf_flat[k]) for k in source)
 
 
+def test_init_from_skip_puts_a_text_models_layers_under_an_image_stem(tmp_path):
+  """A decoder LM's layers restored into a patch-stem classifier (Lu et al. 2021): the skipped stems start fresh;
+  without the skip the token table and the patch projection are refused as a mismatch."""
+  lm_cfg = _cfg(architecture="decoder", num_classes=None, tie_embeddings=True)
+  lm = init_params(build_model(lm_cfg), jax.random.key(1))
+  write_params_workdir(tmp_path / "lm", lm_cfg, lm)
+  cfg = lm_cfg.replace(input_stem="patches", image_size=4, patch_size=2, num_channels=1, num_classes=3,
+                       pooling="last", tie_embeddings=False)
+  fresh = _flat(init_params(build_model(cfg), jax.random.key(2)))
+  skip = TrainConfig(init_from_skip="token_embedding/|embedder/").init_from_skip
+  source = finetune.read_init_from(str(tmp_path / "lm"), cfg, skip)
+  lm_flat = _flat(lm)
+  assert set(source) == {k for k in fresh if k.startswith("decoder/")} == {k for k in lm_flat if k.startswith("decoder/")}
+  assert all(np.array_equal(v, lm_flat[k]) for k, v in source.items())
+  with pytest.raises(ValueError, match=r"missing \[[^]]*patch_embedding.*unexpected \[[^]]*token_embedding"):
+    finetune.read_init_from(str(tmp_path / "lm"), cfg)
+  with pytest.raises(ValueError, match=r"TrainConfig.init_from_skip pattern '\(' is not a regex"):
+    TrainConfig(init_from_skip=["("])
+
+
 @pytest.mark.slow
 def test_fine_tune_an_hf_bert_from_strings(tmp_path):
   """init_from a BERT directory saved by transformers (random weights, its own WordPiece tokenizer): the run

@@ -38,6 +38,9 @@ class TrainConfig:
   keep_best: int = 0  # additionally keep the K checkpoints with the lowest eval_loss
   async_checkpoints: bool = True
   init_from: Optional[str] = None  # a t_jax workdir (training run or converted params) or an HF checkpoint dir
+  # Regexes over parameter paths init_from does not restore: matching model leaves start fresh, matching saved
+  # leaves are dropped (e.g. ('token_embedding/', 'embedder/') to put a text model's layers under a new stem).
+  init_from_skip: tuple[str, ...] = ()
   # Regexes over '/'-joined parameter paths; only matching leaves train (t_jax/training/finetune.py).
   # None: everything (with ModelConfig.lora_rank: the LoRA adapters and the classification head).
   trainable: Optional[tuple[str, ...]] = None
@@ -66,14 +69,15 @@ class TrainConfig:
                        f"{self.label_smoothing}, {self.z_loss}")
     if self.on_nonfinite not in ON_NONFINITE:
       raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r} is not one of {ON_NONFINITE}")
-    if self.trainable is not None:
-      object.__setattr__(self, "trainable", (self.trainable,) if isinstance(self.trainable, str)
-                         else tuple(self.trainable))
-      for pattern in self.trainable:
-        try:
-          re.compile(pattern)
-        except (re.error, TypeError) as e:
-          raise ValueError(f"TrainConfig.trainable pattern {pattern!r} is not a regex: {e}") from e
+    for name in ("trainable", "init_from_skip"):
+      if (patterns := getattr(self, name)) is not None:
+        patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+        object.__setattr__(self, name, patterns)
+        for pattern in patterns:
+          try:
+            re.compile(pattern)
+          except (re.error, TypeError) as e:
+            raise ValueError(f"TrainConfig.{name} pattern {pattern!r} is not a regex: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)

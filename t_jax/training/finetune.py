@@ -11,7 +11,8 @@
               the two models share is restored; the new head and LoRA adapters keep their initialisation
               (a 'cls' classifier's pooler starts as a BERT next-sentence head's); a pretraining head (LM /
               MLM transform / next sentence) the model no longer has is dropped. Anything else that differs
-              (a missing layer, another shape) is refused before the run writes anything. Without
+              (a missing layer, another shape) is refused before the run writes anything, except paths
+              matching TrainConfig.init_from_skip (neither restored nor checked: a new input stem). Without
               TaskConfig.tokenizer the run reads text with init_from's tokenizer (an HF checkpoint's own, a
               t_jax run's SentencePiece model) and keeps a copy in its workdir.
   metrics     classification: eval_accuracy, eval_f1 (binary: of class 1; else macro), eval_mcc (Matthews);
@@ -95,8 +96,9 @@ def _is_hf_dir(path: Path) -> bool:
   return (path / "config.json").is_file() and not (path / workdir_lib.CONFIG_FILE).is_file()
 
 
-def read_init_from(path: str, model: ModelConfig) -> dict[str, np.ndarray]:
-  """The parameters of TrainConfig.init_from (flat, host), checked against `model`'s parameter tree."""
+def read_init_from(path: str, model: ModelConfig, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """The parameters of TrainConfig.init_from (flat, host), checked against `model`'s parameter tree; paths
+  matching a `skip` regex are neither restored nor checked."""
   root = Path(path)
   if _is_hf_dir(root):
     from t_jax.convert import from_hf  # only for Hugging Face starting points
@@ -110,6 +112,8 @@ def read_init_from(path: str, model: ModelConfig) -> dict[str, np.ndarray]:
     raise ValueError(f"TrainConfig.init_from={path!r} is neither a t_jax workdir ({workdir_lib.CONFIG_FILE}) nor a "
                      "Hugging Face checkpoint directory (config.json)")
   expected = flat_paths(abstract_params(build_model(model)))
+  source, expected = ({k: v for k, v in tree.items() if not any(re.search(p, k) for p in skip)}
+                      for tree in (source, expected))
   for name in ("kernel", "bias"):  # BERT: the classifier's pooler starts as the next-sentence head's
     if f"next_sentence/pooler/{name}" in source and f"classifier/pooler/{name}" in expected:
       source[f"classifier/pooler/{name}"] = source[f"next_sentence/pooler/{name}"]
@@ -197,7 +201,7 @@ def prepare(cfg: TrainConfig, model: ModelConfig) -> FineTuning:
   patterns = trainable_patterns(cfg, model)
   if patterns is not None:
     log(summarize_trainable(patterns, abstract_params(build_model(model))))
-  source = None if cfg.init_from is None else read_init_from(cfg.init_from, model)
+  source = None if cfg.init_from is None else read_init_from(cfg.init_from, model, cfg.init_from_skip)
   return FineTuning(patterns, source, cfg.init_from)
 
 
