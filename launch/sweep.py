@@ -7,7 +7,9 @@
 
 The ablation file binds `Sweep` (below). Variant NAME trains in DIR/NAME (its output in DIR/NAME/train.log,
 its outcome in DIR/NAME/sweep.json); the same command again resumes unfinished variants and skips finished
-ones. A failed variant is recorded with its error line and the sweep goes on. At the end DIR/results.md,
+ones. A listed variant may bring its own gin files ('base') and name DIR as '{sweep_dir}' in a binding, to
+start from an earlier variant (variants run in order; see ablations/frozen_pretrained.gin).
+A failed variant is recorded with its error line and the sweep goes on. At the end DIR/results.md,
 DIR/results.csv, DIR/loss_curves.png and DIR/<metric>_vs_<knob>.png compare the variants.
 Bad input: one `error:` line on stderr, exit 2.
 """
@@ -50,7 +52,8 @@ class Sweep:
   base: Sequence[str] = ()  # gin files of the experiment (searched in . and configs/)
   bindings: Sequence[str] = ()  # bindings shared by every variant (e.g. the CPU size)
   grid: dict = dataclasses.field(default_factory=dict)  # {'Class.knob': [values]}: every combination
-  variants: Sequence[dict] = ()  # [{'name': 'a', 'bindings': ['Class.knob = value', ...]}, ...]
+  # [{'name': 'a', 'bindings': ['Class.knob = value', ...]}, ...]; a variant may add 'base': [its own gin files]
+  variants: Sequence[dict] = ()
   metric: str = "eval_perplexity"  # 'bleu', or a key of the final eval row of metrics.jsonl
   test_source: Optional[str] = None  # 'bleu': the test split (plain or .gz), one sentence per line
   test_reference: Optional[str] = None
@@ -59,11 +62,12 @@ class Sweep:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One run of a sweep: its folder name, its own bindings, and the knob values they set."""
+  """One run of a sweep: its folder name, its own bindings, the knob values they set, its own gin files."""
 
   name: str
   bindings: tuple[str, ...]
   knobs: dict
+  base: tuple[str, ...] = ()  # () = Sweep.base
 
 
 def load(files: Sequence[str], bindings: Sequence[str] = (), size: str = "") -> Sweep:
@@ -102,11 +106,14 @@ def expand(sweep: Sweep) -> list[Variant]:
   else:
     variants = []
     for v in sweep.variants:
-      if not isinstance(v, dict) or set(v) != {"name", "bindings"} or not isinstance(v["bindings"], list):
-        raise config.ConfigError(f"Sweep.variants: {v!r}: want {{'name': 'a', 'bindings': ['A.b = 1']}}")
+      if (not isinstance(v, dict) or not {"name", "bindings"} <= set(v) <= {"name", "bindings", "base"}
+          or not isinstance(v["bindings"], list) or not isinstance(v.get("base", []), list)):
+        raise config.ConfigError(f"Sweep.variants: {v!r}: want {{'name': 'a', 'bindings': ['A.b = 1']}} "
+                                 "(and optionally 'base': ['experiments/x.gin'])")
       if not isinstance(v["name"], str) or not NAME.match(v["name"]):
         raise config.ConfigError(f"Sweep.variants: name {v['name']!r} must be letters, digits and _.+=,-")
-      variants.append(Variant(v["name"], tuple(v["bindings"]), dict(_knob(b) for b in v["bindings"])))
+      variants.append(Variant(v["name"], tuple(v["bindings"]), dict(_knob(b) for b in v["bindings"]),
+                              tuple(v.get("base", ()))))
   names = [v.name for v in variants]
   if len(set(names)) < len(names):
     twice = sorted(n for n in set(names) if names.count(n) > 1)
@@ -124,15 +131,16 @@ def check(sweep: Sweep, variants: list[Variant]) -> None:
   """Parses each variant's gin config, so a mistyped knob fails at once (values are the runs' to judge)."""
   for v in variants:
     try:
-      config.parse(sweep.base, [*sweep.bindings, *v.bindings])
+      config.parse(v.base or sweep.base, [*sweep.bindings, *v.bindings])
     except config.ConfigError as e:
       raise config.ConfigError(f"variant {v.name}: {e}") from e
 
 
 def train_command(sweep: Sweep, v: Variant, workdir: str) -> list[str]:
-  """The `python -m launch.train` command of one variant (argv without the interpreter)."""
-  return ["-m", "launch.train", *[f"--gin_file={f}" for f in sweep.base],
-          *[f"--gin_bindings={_tight(b)}" for b in (*sweep.bindings, *v.bindings)],
+  """The `python -m launch.train` command of one variant (argv without the interpreter); '{sweep_dir}' in a
+  binding is DIR (e.g. TrainConfig.init_from = '{sweep_dir}/pretrain', a variant listed earlier)."""
+  return ["-m", "launch.train", *[f"--gin_file={f}" for f in v.base or sweep.base],
+          *[f"--gin_bindings={_tight(b).replace('{sweep_dir}', str(workdir))}" for b in (*sweep.bindings, *v.bindings)],
           f"--workdir={Path(workdir, v.name)}"]
 
 

@@ -44,7 +44,9 @@ def test_expand_variants_and_bad_sweeps():
   for bad in (dict(), dict(grid={"ModelConfig.d_model": [1]}, variants=[{"name": "a", "bindings": []}]),
               dict(grid={"d_model": [1, 2]}), dict(grid={"ModelConfig.d_model": []}),
               dict(variants=[{"name": "a/b", "bindings": []}]), dict(variants=[{"name": "a"}]),
-              dict(variants=[{"name": "a", "bindings": []}, {"name": "a", "bindings": []}])):
+              dict(variants=[{"name": "a", "bindings": []}, {"name": "a", "bindings": []}]),
+              dict(variants=[{"name": "a", "bindings": [], "base": "x.gin"}]),
+              dict(variants=[{"name": "a", "bindings": [], "files": ["x.gin"]}])):
     with pytest.raises(ValueError):
       sweep_lib.expand(sweep_lib.Sweep(base=["x.gin"], **bad))
 
@@ -57,6 +59,19 @@ def test_ablation_files_expand():
       variants = sweep_lib.expand(sweep)
       sweep_lib.check(sweep, variants)
       assert len(variants) >= 4 and sweep_lib.knobs_of(variants)
+
+
+def test_variant_gin_files_and_the_sweep_dir():
+  """The frozen-pretrained ablation: the text LM trains with its own gin file, the others with Sweep.base, and
+  '{sweep_dir}' makes the frozen variant start from the text LM's workdir."""
+  sweep = sweep_lib.load(["ablations/frozen_pretrained.gin"])
+  variants = sweep_lib.expand(sweep)
+  sweep_lib.check(sweep, variants)
+  commands = {v.name: sweep_lib.train_command(sweep, v, "D") for v in variants}
+  assert list(commands) == ["text_lm", "scratch", "frozen_pretrained", "frozen_random"]
+  assert commands["text_lm"] == ["-m", "launch.train", "--gin_file=experiments/quickstart.gin", "--workdir=D/text_lm"]
+  assert commands["scratch"][2] == "--gin_file=experiments/fpt_digits.gin"
+  assert "--gin_bindings=TrainConfig.init_from='D/text_lm'" in commands["frozen_pretrained"]
 
 
 def test_print_only(tmp_path, capsys):
