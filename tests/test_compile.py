@@ -20,7 +20,8 @@ import pytest
 
 from launch import config
 from t_jax.attention import Mask
-from t_jax.data import CausalLM, MaskedLM, PrefixLM, Seq2Seq
+from t_jax.data import CausalLM, ImageClassification, MaskedLM, PrefixLM, Seq2Seq
+from t_jax.data.audio import SpeechToText
 from t_jax.models import ModelConfig, abstract_params, build_model
 from t_jax.sharding import AXES, mesh_shape, resolve_spec, rules_for
 from t_jax.training import TrainConfig, aot
@@ -148,7 +149,11 @@ def test_bad_command_lines(args, match):
     (Seq2Seq(inputs_len=16, targets_len=8), {"encoder_inputs", "encoder_segment_ids", "encoder_positions",
                                              "decoder_inputs", "decoder_targets", "decoder_segment_ids",
                                              "decoder_positions", "weights"}),
-], ids=["causal", "prefix", "mlm", "seq2seq"])
+    (ImageClassification(image_size=8, num_channels=1, num_classes=10), {"image", "label", "weights"}),
+    (SpeechToText(max_frames=30, targets_len=8), {"encoder_inputs", "encoder_segment_ids", "decoder_inputs",
+                                                  "decoder_targets", "decoder_segment_ids", "decoder_positions",
+                                                  "weights"}),
+], ids=["causal", "prefix", "mlm", "seq2seq", "image", "speech"])
 def test_batch_spec_has_the_objectives_keys(objective, keys):
   spec = aot.batch_spec(objective, 4)
   assert set(spec) == keys
@@ -156,8 +161,22 @@ def test_batch_spec_has_the_objectives_keys(objective, keys):
   assert all(v.shape[0] == 4 for v in spec.values())
   if "prefix_len" in spec:
     assert spec["prefix_len"].shape == (4,)
+  if "image" in spec:
+    assert spec["image"].shape == (4, 8, 8, 1) and spec["image"].dtype == np.float32
+  if isinstance(objective, SpeechToText):
+    assert spec["encoder_inputs"].shape == (4, 30, objective.n_mels) and spec["encoder_inputs"].dtype == np.float32
   args, kwargs = objective.model_inputs(spec)  # everything the model is called with is there
   assert all(a.shape[0] == 4 for a in (*args, *kwargs.values()))
+
+
+def test_token_lengths_of_the_image_and_audio_stems():
+  """The stacks see 16 patches + the class token, and half the audio frames (the stride-2 stem)."""
+  vit = ModelConfig(architecture="encoder", input_stem="patches", image_size=8, patch_size=2, num_channels=1,
+                    num_classes=10, class_token=True, pooling="first")
+  assert aot.token_lengths(vit, ImageClassification(image_size=8, num_channels=1, num_classes=10)) == {"inputs": 17}
+  whisper = ModelConfig(architecture="encoder_decoder", input_stem="audio", position="learned")
+  assert aot.token_lengths(whisper, SpeechToText(max_frames=30, targets_len=8)) == {
+      "encoder_inputs": 15, "decoder_inputs": 8, "decoder_targets": 8}
 
 
 def test_model_flops_of_a_decoder():

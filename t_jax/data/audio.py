@@ -31,7 +31,7 @@ import functools
 import hashlib
 import os
 import wave
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
@@ -223,6 +223,11 @@ class SpeechToText(Objective):
                 decoder_inputs=row["decoder_inputs"], decoder_targets=row["decoder_targets"],
                 decoder_segment_ids=seg, decoder_positions=row["decoder_targets_positions"],
                 weights=(seg > 0).astype(np.float32))
+
+  def spec_row(self, **extra: Any) -> Row:
+    """With max_frames of zero features."""
+    return super().spec_row(encoder_inputs=np.zeros((self.max_frames, self.n_mels), np.float32),
+                            encoder_segment_ids=np.zeros(self.max_frames, np.int32), **extra)
 
   def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
     """Frames with their mask (the audio stem makes its own positions), decoder ids, segments and positions."""

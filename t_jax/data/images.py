@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
@@ -113,6 +113,11 @@ class ImageClassification(Classification):
   def finalize(self, row: Row) -> Row:
     """image, label, weights."""
     return {"image": row["image"], "label": row["label"], "weights": row["weights"]}
+
+  def spec_row(self, **extra: Any) -> Row:
+    """An image of zeros, label 0."""
+    image = np.zeros((self.image_size, self.image_size, self.num_channels), np.float32)
+    return self.finalize({"image": image, "label": np.int32(0), "weights": np.float32(1.0), **extra})
 
   def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
     """The images (the patch stem's input)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -140,6 +140,12 @@ class Objective:
     """Packed/padded grain row -> the batch contract's keys."""
     raise NotImplementedError
 
+  def spec_row(self, **extra: Any) -> Row:
+    """One finalized row of zeros: the keys, shapes and dtypes of a batch row (ahead-of-time compilation)."""
+    lengths = self.lengths()
+    row = pad_row({k: np.zeros(1, np.float32 if k == "weights" else np.int32) for k in lengths}, lengths)
+    return self.finalize({**row, **extra})
+
   @property
   def stats(self) -> dict[str, int]:
     """Documents split or truncated so far (token-level overflow)."""
@@ -212,6 +218,10 @@ class PrefixLM(_DecoderOnly):
     if self.pack:
       raise ValueError("PrefixLM does not support packing (pack=False)")
     super().check(tokenizer)
+
+  def spec_row(self, **extra: Any) -> Row:
+    """With a prefix_len."""
+    return super().spec_row(prefix_len=np.int32(1), **extra)
 
   def examples(self, example: Example, rng: np.random.Generator, tokenizer: Tokenizer) -> list[Row]:
     """Causal rows plus a prefix length and suffix-only weights."""

@@ -29,9 +29,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t_jax.data import Objective, PrefixLM
-from t_jax.data.objectives import pad_row
-from t_jax.models import ModelConfig, build_model, count_params
+from t_jax.data import Objective
+from t_jax.models import ModelConfig, build_model, count_params, speech, vision
 from t_jax.sharding import Partitioner, make_mesh, rules_for
 from t_jax.training.config import Experiment
 from t_jax.training.loop import microbatches
@@ -94,12 +93,18 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 def batch_spec(objective: Objective, batch_size: int, sharding: Any = None) -> dict[str, Any]:
   """ShapeDtypeStructs of one global batch with the objective's keys, shapes and dtypes (no data read)."""
-  lengths = objective.lengths()
-  row = pad_row({k: np.zeros(1, np.float32 if k == "weights" else np.int32) for k in lengths}, lengths)
-  if isinstance(objective, PrefixLM):
-    row["prefix_len"] = np.int32(1)
   return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
-          for k, v in objective.finalize(row).items()}
+          for k, v in objective.spec_row().items()}
+
+
+def token_lengths(cfg: ModelConfig, objective: Objective) -> dict[str, int]:
+  """Sequence lengths the stacks see: the objective's, with an image or audio stem's token count."""
+  lengths = dict(objective.lengths())
+  if cfg.input_stem == "patches":
+    lengths["inputs"] = vision.num_tokens(cfg)
+  elif cfg.input_stem == "audio":
+    lengths["encoder_inputs"] = speech.stem_length(objective.max_frames)
+  return lengths
 
 
 def shard_bytes(tree: Any) -> int:
@@ -330,7 +335,7 @@ def plan(exp: Experiment, topology: str, devices: Sequence[jax.Device]) -> dict:
   """
   build, hw = _Build(exp, devices), chip(topology)
   per_chip = len(devices) // len({tuple(d.coords) for d in devices})  # v4 lists each TensorCore as a device
-  lengths, params = exp.task.objective.lengths(), build.abstract["params"]
+  lengths, params = token_lengths(exp.model, exp.task.objective), build.abstract["params"]
   report = {"topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
             "hbm_bytes": hw.hbm_gib * GIB / per_chip, "peak_flops": hw.tflops * 1e12 / per_chip,
             "ici_bytes_per_second": hw.ici_gbps * 1e9 / 8 / per_chip,
