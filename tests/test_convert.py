@@ -159,6 +159,18 @@ def test_bert_mlm_logits_with_padding(name):
   assert rel_err(np.asarray(fwd(np.ones_like(mask)))[real], ref["logits"][real]) > 1e-3
 
 
+@pytest.mark.parametrize("name", sorted(hf_fixtures.PRETRAINING["bert"]))
+def test_bert_pretraining_mlm_and_next_sentence_logits(name):
+  """BertForPreTraining: MLM logits, and the next-sentence head (pooler + seq_relationship on [CLS])."""
+  model, params, ref = load(f"bert_{name}")
+  assert model.cfg.next_sentence
+  mlm, nsp = jax.jit(model.apply)({"params": params}, ref["input_ids"], padding_mask=ref["attention_mask"],
+                                  token_type_ids=ref["token_type_ids"])
+  check(f"bert_{name}", ref, mlm, real=ref["attention_mask"] == 1)
+  for source, want in wanted(f"bert_{name}", ref):
+    assert rel_err(nsp, want["nsp_logits"]) <= TOL, source
+
+
 @pytest.mark.parametrize("name", sorted(hf_fixtures.T5))
 def test_t5_logits_and_generation(name):
   model, params, ref = load(f"t5_{name}")
@@ -282,10 +294,10 @@ def test_unsupported_heads_are_named(tmp_path):
   classifier = copy_fixture("bert_seqcls_h3", tmp_path / "classifier")
   edit_config(classifier, architectures=None)
   assert from_hf(classifier)[0].cfg.num_classes == 3
-  pretraining = copy_fixture("bert_h3_tied", tmp_path / "pretraining")  # its next-sentence head is ignored
-  edit_config(pretraining, architectures=["BertForPreTraining"])
-  edit_weights(pretraining, lambda w: w.update({"cls.seq_relationship.weight": np.zeros((2, 24), np.float32)}))
-  assert tree_equal(from_hf(pretraining)[1], from_hf(FIXTURES / "bert_h3_tied")[1])
+  pretraining = copy_fixture("bert_pretraining_h3", tmp_path / "pretraining")  # and a BertForPreTraining
+  edit_config(pretraining, architectures=None)
+  model, params = from_hf(pretraining)
+  assert model.cfg.next_sentence and set(params["next_sentence"]) == {"pooler", "logits"}
 
 
 def test_unknown_family_and_unsupported_features(tmp_path):

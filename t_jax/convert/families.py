@@ -3,6 +3,8 @@
 GPT-2, BERT and Llama also convert their *ForSequenceClassification models, to and from a t_jax model with a
 sequence head (ModelConfig.num_classes; t_jax/models/heads.py): BERT's pooler and classifier are the head's
 'cls' pooler and logits, GPT-2's and Llama's bias-free `score` reads the last real token ('last' pooling).
+BERT's BertForPreTraining converts with its next-sentence head (ModelConfig.next_sentence: the pooler and
+`seq_relationship` are the next_sentence head's 'cls' pooler and two-way logits).
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ class Family:
   aliases: Callable[[ModelConfig], dict] = lambda cfg: {}  # tensors to_hf also writes: alias -> written name
   also_reads: tuple[str, ...] = ()  # other HF classes (config.json `architectures`) whose checkpoints convert
   classifier_class: str = ""  # its *ForSequenceClassification (t_jax: ModelConfig.num_classes set)
+  pretraining_class: str = ""  # its LM class with a next-sentence head (t_jax: ModelConfig.next_sentence)
   input_stem: str = "tokens"  # the ModelConfig.input_stem of its models (checked before `matches`)
 
 
 def hf_class_of(family: Family, cfg: ModelConfig) -> str:
-  """The HF class a t_jax config exports to: the LM class, or the family's classifier with a sequence head."""
-  return family.classifier_class if cfg.num_classes and family.classifier_class else family.hf_class
+  """The HF class a t_jax config exports to: the LM class, the classifier with a sequence head, or the
+  pretraining class with a next-sentence head."""
+  if cfg.num_classes and family.classifier_class:
+    return family.classifier_class
+  return family.pretraining_class if cfg.next_sentence and family.pretraining_class else family.hf_class
 
 
 def _classification(hf: dict, w: Weights, tensor: str, hf_class: str, pooling: str) -> dict:
@@ -151,13 +157,14 @@ GPT2 = Family(
     token_ids=dict(pad_token_id=0, eos_token_id=1, bos_token_id=1), also_reads=("GPT2Model",),
     classifier_class="GPT2ForSequenceClassification")
 
-# ---------------------------------------------------------------- BERT (masked LM)
+# ---------------------------------------------------------------- BERT (masked LM, + next sentence)
 
 
 def _bert_config(hf: dict, w: Weights) -> dict:
   c.require(hf, "position_embedding_type", ["absolute"], "absolute")
   c.require(hf, "is_decoder", [False], False)
   c.require(hf, "add_cross_attention", [False], False)
+  seqcls = _classification(hf, w, "classifier.weight", "BertForSequenceClassification", "cls")
   return dict(architecture="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
               num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
               num_layers=hf["num_hidden_layers"], position="learned", max_len=hf["max_position_embeddings"],
@@ -167,7 +174,8 @@ def _bert_config(hf: dict, w: Weights) -> dict:
               logits_bias=True, embed_norm=True, num_token_types=hf.get("type_vocab_size", 2), mlm_transform=True,
               init_std=hf.get("initializer_range", 0.02), dropout_rate=hf.get("hidden_dropout_prob", 0.1),
               attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1),
-              **_classification(hf, w, "classifier.weight", "BertForSequenceClassification", "cls"))
+              next_sentence=not seqcls and ("cls.seq_relationship.weight" in w
+                                            or "BertForPreTraining" in (hf.get("architectures") or [])), **seqcls)
 
 
 def _bert_hf(cfg: ModelConfig) -> dict:
@@ -179,7 +187,8 @@ def _bert_hf(cfg: ModelConfig) -> dict:
               tie_word_embeddings=cfg.tie_embeddings, type_vocab_size=cfg.num_token_types,
               initializer_range=cfg.init_std or 0.02, hidden_dropout_prob=cfg.dropout_rate,
               attention_probs_dropout_prob=cfg.attention_dropout_rate,
-              **_classification_hf(cfg, "BertForSequenceClassification"))
+              **_classification_hf(cfg, "BertForSequenceClassification"),
+              **({"architectures": ["BertForPreTraining"]} if cfg.next_sentence else {}))
 
 
 def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
@@ -199,6 +208,9 @@ def _bert_rules(cfg: ModelConfig) -> list[c.Rule]:
   if cfg.num_classes:  # BertForSequenceClassification: pooler (dense + tanh on [CLS]) and classifier
     return (rules + c.dense("bert.pooler.dense", "classifier/pooler", (d,), (d,), bias=True)
             + c.dense("classifier", "classifier/logits", (d,), (cfg.num_classes,), bias=True))
+  if cfg.next_sentence:  # BertForPreTraining: pooler (dense + tanh on [CLS]) and the two-way seq_relationship
+    rules += (c.dense("bert.pooler.dense", "next_sentence/pooler", (d,), (d,), bias=True)
+              + c.dense("cls.seq_relationship", "next_sentence/logits", (d,), (2,), bias=True))
   t = "cls.predictions.transform"
   rules += c.dense(f"{t}.dense", "mlm_dense", (d,), (d,), bias=True)
   rules += c.layer_norm(f"{t}.LayerNorm", "mlm_norm", d)
@@ -215,8 +227,7 @@ BERT = Family(
     # Untied (transformers 5): decoder.bias is its own parameter, and the one forward() uses.
     aliases=lambda cfg: ({} if cfg.tie_embeddings or cfg.num_classes
                          else {"cls.predictions.decoder.bias": "cls.predictions.bias"}),
-    also_reads=("BertForPreTraining",),  # its next-sentence head is ignored
-    classifier_class="BertForSequenceClassification")
+    classifier_class="BertForSequenceClassification", pretraining_class="BertForPreTraining")
 
 # ---------------------------------------------------------------- T5 (v1.0 and v1.1)
 
@@ -435,14 +446,19 @@ def family_for_hf(hf: dict) -> Family:
 
 def supported_classes() -> str:
   """The HF model classes whose checkpoints from_hf converts, comma-separated (base models when tied)."""
-  return ", ".join(sorted(n for f in FAMILIES.values() for n in (f.hf_class, *f.also_reads, f.classifier_class) if n))
+  return ", ".join(sorted(n for f in FAMILIES.values() for n in _classes(f) if n))
 
 
 def check_architectures(family: Family, hf: dict) -> None:
   """Raises, naming it, when config.json `architectures` lists a model class `family` does not convert."""
   for name in hf.get("architectures") or []:
-    if name not in (family.hf_class, *family.also_reads, family.classifier_class):
+    if name not in _classes(family):
       raise c.ConversionError(f"unsupported Hugging Face architecture {name!r}; supported: {supported_classes()}")
+
+
+def _classes(family: Family) -> tuple[str, ...]:
+  """The HF classes whose checkpoints a family converts ('' for none)."""
+  return family.hf_class, *family.also_reads, family.classifier_class, family.pretraining_class
 
 
 def check_head_tensors(family: Family, weights: Weights) -> None:
