@@ -4,6 +4,7 @@
   python benchmarks/attention.py --smoke         # tiny sizes, proves the script runs (e.g. on CPU)
   python benchmarks/attention.py --docs=4        # packed rows: 4 documents each (segment ids)
   python benchmarks/attention.py --sweep-blocks --impls=pallas --seqs=2048,8192   # tune block sizes
+  python benchmarks/attention.py --kinds=softmax,performer,rfa,bigbird,lsh,aft   # one forward per attention kind
 
 FLOPs: forward 4*B*H*S^2*D (halved when causal), backward 2.5x forward (so fwd+bwd = 3.5x). Tokens per
 step are fixed (B = tokens // S) and H = model_dim // D, as in the FlashAttention papers. With --docs=N
@@ -11,6 +12,9 @@ each row packs N equal documents (segment ids) and FLOPs count only the visible 
 (implementation, shape) runs in a fresh subprocess so `peak_bytes_in_use` belongs to that run alone.
 Results go to --out (default benchmarks/results/attention_<device>.json; smoke runs default to the
 temp dir, so CPU numbers are never mistaken for GPU ones).
+--kinds times one bidirectional forward of each `ModelConfig.attention_kind` (t_jax/attention/variants.py, its
+default knobs, XLA) at batch 1, 4 heads of 32, float32 (--seqs default 1k..64k), with XLA's temporary memory
+from the compiled program's memory analysis; a kind whose temporary memory is above --max-gib is not run.
 """
 
 import argparse
@@ -92,6 +96,54 @@ def run_one(cfg):
   return res
 
 
+def run_kind(cfg):
+  """One forward of an attention kind: ms and XLA's temporary bytes (status 'too big' above max_bytes: not run)."""
+  from t_jax.attention.masks import Mask
+  from t_jax.attention.variants import Spec
+  from t_jax.attention.variants import attention as kind_attention
+  b, s, h, d = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"]
+  q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in jax.random.split(jax.random.PRNGKey(0), 3))
+  spec = Spec(kind=cfg["kind"])
+  k = q if spec.kind == "lsh" else k  # Reformer's shared QK
+  res = dict(cfg)
+  try:
+    f = jax.jit(lambda q, k, v: kind_attention(q, k, v, spec=spec, mask=Mask(), implementation="xla")[0])
+    compiled = f.lower(q, k, v).compile()
+    res.update(temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
+    if res["temp_bytes"] > cfg["max_bytes"]:
+      return dict(res, status="too big")
+    res.update(fwd_ms=_timeit(compiled, q, k, v, warmup=cfg["warmup"], iters=cfg["iters"]) * 1e3, status="ok")
+  except Exception as e:  # noqa: BLE001 - OOM and compile failures are results too
+    res.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+  return res
+
+
+def print_kinds(results):
+  print(f"{'kind':<10}{'seq':>7}{'fwd ms':>10}{'temp MiB':>10}  status")
+  for r in results:
+    temp = r.get("temp_bytes")
+    print(f"{r['kind']:<10}{r['seq']:>7}{_fmt(r.get('fwd_ms'), '.2f'):>10}"
+          f"{_fmt(None if temp is None else temp / 2**20, '.1f'):>10}  {r['status']} {r.get('error', '')[:60]}")
+
+
+def kinds_main(args, device):
+  """--kinds: every (kind, seq), each in a fresh process; prints the table and writes the JSON."""
+  results = []
+  for s in map(int, args.seqs.split(",")):
+    for kind in args.kinds.split(","):
+      cfg = dict(kind=kind, seq=s, batch=1, heads=4, head_dim=32, warmup=args.warmup, iters=args.iters,
+                 max_bytes=int(args.max_gib * 2**30), worker="kind")
+      r = run_kind(cfg) if args.no_isolate else _run_isolated(cfg)
+      results.append(r)
+      print_kinds([r])
+  print()
+  print_kinds(results)
+  out = dict(device=device, smoke=args.smoke, jax=jax.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             config=vars(args), note="one bidirectional forward, batch 1, 4 heads of 32, float32, XLA",
+             results=results)
+  write_json(out, args.out or default_out("attention", device, args.smoke, "_kinds"))
+
+
 def matmul_tflops(n, warmup, iters):
   """Dense bf16 [n, n] x [n, n] matmul rate, the device's practical peak for reference."""
   a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
@@ -162,7 +214,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="tiny sizes; checks the script runs (CPU is fine)")
   p.add_argument("--impls", default=",".join(IMPLS))
-  p.add_argument("--seqs", default="512,1024,2048,4096,8192,16384")
+  p.add_argument("--seqs", default=None, help="default 512,...,16384; with --kinds 1024,4096,16384,65536")
   p.add_argument("--head-dims", default="64,128")
   p.add_argument("--causal", default="false,true")
   p.add_argument("--tokens", type=int, default=16384, help="batch * seq per step")
@@ -175,18 +227,24 @@ def main():
   p.add_argument("--matmul-n", type=int, default=8192)
   p.add_argument("--no-isolate", action="store_true", help="run all configs in this process")
   p.add_argument("--out", default=None)
+  p.add_argument("--kinds", default="", help="attention kinds to time instead, e.g. softmax,performer,lsh")
+  p.add_argument("--max-gib", type=float, default=8.0, help="--kinds: skip a kind needing more temporary memory")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
 
   if args.worker:
-    print("RESULT " + json.dumps(run_one(json.loads(args.worker))), flush=True)
+    cfg = json.loads(args.worker)
+    print("RESULT " + json.dumps(run_kind(cfg) if cfg.get("worker") == "kind" else run_one(cfg)), flush=True)
     return
+  args.seqs = args.seqs or ("1024,4096,16384,65536" if args.kinds else "512,1024,2048,4096,8192,16384")
   if args.smoke:
     args.seqs, args.head_dims, args.tokens, args.model_dim = "64,128", "64", 128, 128
     args.warmup, args.iters, args.matmul_n = 1, 2, 256
 
   dev = jax.devices()[0]
   device = getattr(dev, "device_kind", dev.platform)
+  if args.kinds:
+    return kinds_main(args, device)
   results = []
   for d in map(int, args.head_dims.split(",")):
     for s in map(int, args.seqs.split(",")):

@@ -32,7 +32,8 @@ _DATA = (data.PydocSource, data.TextFileSource, data.ParallelTextSource, data.Tf
          data.PrefixLM, data.MaskedLM, data.SpanCorruption, data.Seq2Seq, data.Classification,
          data.AcceptabilitySource, data.TfdsClassificationSource, data.ImageClassification, data.DigitsSource,
          data.TfdsImageSource, data.SpeechToText, data.SpeechCorpusSource, data.TfdsSpeechSource,
-         data.TextToText, data.TextToTextSource, data.BertPretraining, data.NextSentenceSource)
+         data.TextToText, data.TextToTextSource, data.BertPretraining, data.NextSentenceSource,
+         data.ListOpsSource, data.LanguageIdSource)
 _GIN = {cls: gin.external_configurable(cls, module="t_jax") for cls in CONFIGS}
 for _cls in _DATA:
   gin.external_configurable(_cls, module="t_jax.data")

@@ -53,7 +53,7 @@ def test_expand_variants_and_bad_sweeps():
 
 def test_ablation_files_expand():
   """Every committed ablation parses and expands at both sizes, and every variant's gin config parses."""
-  for name in ("xiong_prenorm", "length_extrapolation", "mha_gqa_mqa", "vaswani_table3"):
+  for name in ("xiong_prenorm", "length_extrapolation", "mha_gqa_mqa", "vaswani_table3", "lra_listops", "lra_text"):
     for size in ("", "full"):
       sweep = sweep_lib.load([f"ablations/{name}.gin"], size=size)
       variants = sweep_lib.expand(sweep)

@@ -56,6 +56,10 @@ from a sentence-per-line file) and TfdsClassificationSource (e.g. glue/cola). T5
 BERT pre-training (nsp.py): NextSentenceSource (sentence pairs from the CPython docs, half of them random) and
 BertPretraining (MaskedLM on the pair + next-sentence prediction; ModelConfig.next_sentence).
 
+Long Range Arena, offline (lra.py): ListOpsSource (ListOps expressions drawn on demand, label = their value;
+TaskConfig.tokenizer_type='word') and LanguageIdSource (text labelled by its file, e.g. Multi30K en vs de;
+TaskConfig.tokenizer_type='byte': one id per UTF-8 byte, tokenizer.byte_model()).
+
 Tokenizers of imported checkpoints (hf_tokenizer.py): load_tokenizer(path) reads an HF directory's tokenizer.json
 (the `tokenizers` library) or SentencePiece model as an HFTokenizer, with this Tokenizer's interface.
 
@@ -79,6 +83,7 @@ from t_jax.data.classification import (
 )
 from t_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from t_jax.data.images import DigitsSource, ImageClassification, TfdsImageSource
+from t_jax.data.lra import LanguageIdSource, ListOpsSource
 from t_jax.data.nsp import BertPretraining, NextSentenceSource
 from t_jax.data.objectives import (
     CausalLM,

@@ -35,7 +35,7 @@ class TaskConfig:
   tokenizer: Optional[str] = None
   vocab_size: Optional[int] = None  # tokenizer size incl. extra ids; None = ModelConfig.vocab_size
   num_extra_ids: int = 0  # T5 sentinels
-  tokenizer_type: str = "unigram"  # or 'bpe'
+  tokenizer_type: str = "unigram"  # or 'bpe', 'word', 'char'; 'byte': one id per UTF-8 byte (no training)
   tokenizer_sentences: int = 100_000  # sentences sampled to train the tokenizer
   tokenizer_character_coverage: float = 0.9995
   tokenizer_byte_fallback: bool = False  # unknown characters as UTF-8 bytes instead of <unk>

@@ -47,6 +47,25 @@ def _training_sentences(source: Sequence, max_sentences: int, max_chars: int) ->
   return itertools.islice(pieces, max_sentences)
 
 
+def byte_model() -> bytes:
+  """A SentencePiece model of the 256 UTF-8 bytes and nothing else (model_type='byte' in Tokenizer.train):
+  byte b is id 4 + b after pad, eos, unk and mask; no normalisation, whitespace kept as it is."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  model, piece = pb.ModelProto(), pb.ModelProto.SentencePiece
+  for name, kind in (("<pad>", piece.CONTROL), ("</s>", piece.CONTROL), ("<unk>", piece.UNKNOWN),
+                     (MASK_PIECE, piece.USER_DEFINED)):
+    model.pieces.add(piece=name, score=0.0, type=kind)
+  for b in range(256):
+    model.pieces.add(piece=f"<0x{b:02X}>", score=0.0, type=piece.BYTE)
+  spec = model.trainer_spec
+  spec.model_type, spec.byte_fallback, spec.vocab_size = pb.TrainerSpec.CHAR, True, len(model.pieces)
+  spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = PAD_ID, EOS_ID, UNK_ID, -1
+  norm = model.normalizer_spec
+  norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", False, False, False
+  return model.SerializeToString()
+
+
 class Tokenizer:
   """SentencePiece wrapper: `encode(str) -> list[int]`, `decode(ids) -> str`, T5-style special ids.
 
@@ -86,6 +105,7 @@ class Tokenizer:
             overwrite: bool = False) -> Tokenizer:
     """Trains on a source's texts and saves to `path`; reuses the model at `path` if it already exists.
 
+    model_type: SentencePiece's 'unigram', 'bpe', 'word' or 'char', or 'byte': `byte_model()`, no training.
     `vocab_size` is a soft limit for SentencePiece (hard_vocab_limit=False), excluding the extra ids; one
     below what the corpus's characters need raises VocabularyTooSmall, other SentencePiece failures
     ValueError. Lines longer than `max_sentence_chars` are cut into pieces (at spaces where possible).
@@ -93,6 +113,8 @@ class Tokenizer:
     """
     if os.path.exists(path) and not overwrite:
       return cls(path, num_extra_ids)
+    if model_type == "byte":
+      return cls._write(path, byte_model(), num_extra_ids)
     name = getattr(source, "name", source)
     sentences = list(_training_sentences(source, max_sentences, max_sentence_chars))
     if not sentences:
@@ -110,12 +132,17 @@ class Tokenizer:
       if m := _TOO_SMALL.search(str(e)):
         raise VocabularyTooSmall(vocab_size, int(m.group(2)), name) from e
       raise ValueError(f"SentencePiece could not train on {name}: {str(e).strip()}") from e
+    return cls._write(path, buf.getvalue(), num_extra_ids)
+
+  @classmethod
+  def _write(cls, path: str, model: bytes, num_extra_ids: int) -> Tokenizer:
+    """Saves a serialized model to `path` atomically (concurrent processes never read a partial file)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
-      f.write(buf.getvalue())
+      f.write(model)
     os.replace(f.name, path)
-    return cls(buf.getvalue(), num_extra_ids)
+    return cls(model, num_extra_ids)
 
   @property
   def vocab_size(self) -> int:
