@@ -443,6 +443,17 @@ def test_text_to_text_sources_and_the_glue_config(glue_records):
 
 
 @pytest.mark.slow
+def test_text_to_text_refuses_labels_longer_than_targets_len():
+  """Training would cut such a label's tokens, so no generated answer could ever match it."""
+  class Chars:  # one token per character
+    def encode(self, text: str) -> list[int]:
+      return [ord(c) for c in text]
+
+  data.TextToText(targets_len=4, label_names=("no", "yes")).check(Chars())  # 3 tokens + eos fit
+  with pytest.raises(ValueError, match=r"targets_len=4 cannot hold the label 'maybe': 6 tokens with eos"):
+    data.TextToText(targets_len=4, label_names=("no", "maybe")).check(Chars())
+
+
 def test_text_to_text_fine_tune_reports_exact_match_of_generated_labels(tmp_path):
   """A tiny T5 trained text-to-text: eval generates each answer; eval_exact_match and the class metrics are
   those of t_jax.generate's strings for the eval inputs."""

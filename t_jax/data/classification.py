@@ -214,3 +214,11 @@ class TextToText(Seq2Seq):
   def __post_init__(self) -> None:
     self.label_names = tuple(self.label_names)
 
+  def check(self, tokenizer: Tokenizer) -> None:
+    """Every label string fits in targets_len with its eos (else training truncates the answers it is scored on)."""
+    super().check(tokenizer)
+    for name in self.label_names:
+      if (n := len(tokenizer.encode(name)) + 1) > self.targets_len:
+        raise ValueError(f"TextToText.targets_len={self.targets_len} cannot hold the label {name!r}: {n} tokens "
+                         f"with eos under this tokenizer")
+
