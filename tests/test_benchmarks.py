@@ -89,3 +89,14 @@ def test_train_step_benchmark_smoke(tmp_path):
   assert set(data["goals"]) == {"cpu_quickstart_at_least_1.3x_torch", "cpu_quickstart_d256_at_least_1.3x_torch",
                                 "quickstart_mfu_at_least_45%"}
   assert "goal quickstart_mfu_at_least_45%: not measured" in stdout
+
+
+def test_matmuls_benchmark_covers_the_step(tmp_path):
+  """The listed matmuls are one decoder step's: their FLOPs add up to 6 N + 12 L T d per token."""
+  data, stdout = run_script("matmuls", tmp_path, "--smoke")
+  s = data["settings"]
+  n, d, f, v, L, t = s["batch"] * s["seq"], s["d"], s["mlp"], s["vocab"], s["layers"], s["seq"]
+  matmul_params = L * (4 * d * d + 2 * d * f) + v * d  # q, k, v, out, MLP in/out, tied un-embedding
+  assert sum(m["flops"] * m["count"] for m in data["matmuls"]) == n * (6 * matmul_params + 12 * L * t * d)
+  assert len(data["matmuls"]) == 18 and all(m["gflops_per_s"]["xla"] > 0 for m in data["matmuls"])
+  assert data["step_matmul_seconds"]["xla"] > 0 and "matmul time of one step" in stdout
