@@ -20,7 +20,7 @@ import pytest
 
 from launch import config
 from t_jax.attention import Mask
-from t_jax.data import CausalLM, ImageClassification, MaskedLM, PrefixLM, Seq2Seq
+from t_jax.data import CausalLM, Classification, ImageClassification, MaskedLM, PrefixLM, Seq2Seq
 from t_jax.data.audio import SpeechToText
 from t_jax.models import ModelConfig, abstract_params, build_model
 from t_jax.sharding import AXES, mesh_shape, resolve_spec, rules_for
@@ -153,11 +153,16 @@ def test_bad_command_lines(args, match):
     (SpeechToText(max_frames=30, targets_len=8), {"encoder_inputs", "encoder_segment_ids", "decoder_inputs",
                                                   "decoder_targets", "decoder_segment_ids", "decoder_positions",
                                                   "weights"}),
-], ids=["causal", "prefix", "mlm", "seq2seq", "image", "speech"])
+    (Classification(seq_len=16, num_classes=3), {"inputs", "segment_ids", "positions", "label", "weights"}),
+    (Classification(seq_len=16, num_classes=1, text_pair_key="b"),
+     {"inputs", "segment_ids", "positions", "token_type_ids", "label", "weights"}),
+], ids=["causal", "prefix", "mlm", "seq2seq", "image", "speech", "classification", "regression-pair"])
 def test_batch_spec_has_the_objectives_keys(objective, keys):
   spec = aot.batch_spec(objective, 4)
   assert set(spec) == keys
-  assert spec["weights"].dtype == np.float32 and spec[objective.label_key].dtype == np.int32
+  regression = getattr(objective, "regression", False)
+  assert spec["weights"].dtype == np.float32
+  assert spec[objective.label_key].dtype == (np.float32 if regression else np.int32)
   assert all(v.shape[0] == 4 for v in spec.values())
   if "prefix_len" in spec:
     assert spec["prefix_len"].shape == (4,)

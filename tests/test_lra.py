@@ -174,3 +174,41 @@ def test_attention_benchmark_times_every_kind(tmp_path):
   results = json.loads(out.read_text())["results"]
   assert [(r["kind"], r["seq"]) for r in results] == [(k, s) for s in (64, 128) for k in kinds]
   assert all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["temp_bytes"] > 0 for r in results), results
+
+
+def test_lra_report_from_a_sweep(tmp_path):
+  """benchmarks/lra_report.py: accuracy and median tokens/s from the sweep, the step's memory from its config."""
+  sweep = tmp_path / "lra_listops"
+  rows = []
+  for kind, batch in (("softmax", 4), ("performer", 8)):
+    vdir = sweep / f"attention_kind={kind}"
+    vdir.mkdir(parents=True)
+    config.parse([str(REPO / "configs/experiments/lra_listops_cpu.gin")],
+                 [f"ModelConfig.attention_kind='{kind}'", f"TrainConfig.batch_size={batch}",
+                  "ListOpsSource.max_length=60", "Classification.seq_len=64", "ModelConfig.max_len=64"])
+    (vdir / "config.gin").write_text(config.operative())
+    (vdir / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, tokens_per_sec=t)) + "\n"
+                                                for s, t in ((50, 100.0), (100, 300.0), (150, 200.0))))
+    rows.append(f"attention_kind={kind},ModelConfig.attention_kind='{kind}',1000,150,60.0,1.0,2.0,7.4,0.25,finished,")
+  rows.append("attention_kind=lsh,ModelConfig.attention_kind='lsh',,,,,,,,failed,boom")
+  (sweep / "results.csv").write_text("name,bindings,params,steps,wall_s,train_loss,eval_loss,eval_perplexity,"
+                                     "eval_accuracy,status,error\n" + "\n".join(rows) + "\n")
+  kinds = tmp_path / "kinds.json"
+  kinds.write_text(json.dumps(dict(results=[dict(kind="softmax", seq=1024, fwd_ms=2.0, temp_bytes=2**21, status="ok"),
+                                            dict(kind="softmax", seq=4096, status="too big")])))
+  out = tmp_path / "report"
+  p = subprocess.run([sys.executable, "benchmarks/lra_report.py", f"--sweeps={sweep}", f"--kinds_json={kinds}",
+                      f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  rep = json.loads((out / "lra.json").read_text())
+  by_kind = {r["kind"]: r for r in rep["tasks"]}
+  assert set(by_kind) == {"softmax", "performer"}  # the failed variant is left out
+  assert by_kind["softmax"]["accuracy"] == 0.25 and by_kind["softmax"]["train_tokens_per_s"] == 200.0
+  # The compiled step's memory is the run's own: twice the batch, more memory.
+  assert 0 < by_kind["softmax"]["train_step_peak_bytes"] < by_kind["performer"]["train_step_peak_bytes"]
+  md = (out / "lra.md").read_text()
+  assert "| lra_listops | softmax | 0.250 | 200 |" in md and "2.0 / 2" in md and "too big" in md
+  assert (out / "lra.png").stat().st_size > 0
+  p = subprocess.run([sys.executable, "benchmarks/lra_report.py", f"--sweeps={tmp_path / 'none'}", f"--out={out}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "results.csv" in p.stderr

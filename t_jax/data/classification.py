@@ -107,6 +107,11 @@ class Classification(Objective):
       out["token_type_ids"] = row["token_type_ids"]
     return out
 
+  def spec_row(self, **extra: Any) -> Row:
+    """Rows of zeros with label 0 (0.0 for regression) and weight 1."""
+    label = np.float32(0) if self.regression else np.int32(0)
+    return super().spec_row(label=label, weights=np.float32(1.0), **extra)
+
   def model_inputs(self, batch: Row) -> tuple[tuple, dict]:
     """Token ids, positions, segment ids (padding: the head pools real tokens only) and token types."""
     kw = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}

@@ -359,6 +359,19 @@ def plan(exp: Experiment, topology: str, devices: Sequence[jax.Device]) -> dict:
   return {**report, **_analyse(compiled, report)}
 
 
+def _xla_memory(compiled: Any) -> dict[str, int]:
+  """XLA's per-device bytes of a compiled program, and their peak (arguments + outputs - aliased + the rest)."""
+  m = compiled.memory_analysis()
+  mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+         "temporaries": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes}
+  return {**mem, "peak": mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]}
+
+
+def step_memory(exp: Experiment, devices: Sequence[jax.Device]) -> dict[str, int]:
+  """XLA's per-device memory of `exp`'s train step compiled for `devices` (e.g. this host's): bytes and peak."""
+  return _xla_memory(_Build(exp, devices).lower().compile())
+
+
 def _largest(state: Any, n: int = 5) -> list[dict]:
   """The n largest per-device shards of the train state."""
   rows = [{"name": jax.tree_util.keystr(path), "shape": list(x.sharding.shard_shape(x.shape)),
@@ -401,11 +414,7 @@ def _analyse(compiled: Any, report: dict) -> dict:
   """Memory, flops, collectives, step time and MFU of a compiled step."""
   hlo, cost = compiled.as_text(), compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
-  m = compiled.memory_analysis()  # per-device bytes: ours (params, optimizer, batch) and XLA's
-  mem = {**report["memory"], "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-         "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-         "code": m.generated_code_size_in_bytes}
-  mem["peak"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
+  mem = {**report["memory"], **_xla_memory(compiled)}  # per-device bytes: ours (params, optimizer, batch), XLA's
   once, colls = cost.get("flops"), collectives(hlo)
   comm = collective_seconds(colls, report["ici_bytes_per_second"])
   try:  # only a program with loops re-parses HLO
