@@ -20,6 +20,7 @@ import pytest
 
 from launch import config
 from t_jax.attention import Mask
+from t_jax.attention.masks import BlockSparse
 from t_jax.data import CausalLM, Classification, ImageClassification, MaskedLM, PrefixLM, Seq2Seq
 from t_jax.data.audio import SpeechToText
 from t_jax.models import ModelConfig, abstract_params, build_model
@@ -33,7 +34,7 @@ needs_libtpu = pytest.mark.skipif(
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 TINY = ["--gin_file=experiments/quickstart_tiny.gin", "--gin_file=hardware/fsdp.gin"]
 LAYERS = ["--gin_bindings=ModelConfig.num_layers=3"]  # the plans: 3 layers, unrolled and scanned
-HEAD_DIMS, MASKS, DIRECTIONS = (64, 128), ("none", "causal", "segments"), ("fwd", "bwd")
+HEAD_DIMS, MASKS, DIRECTIONS = (64, 128), ("none", "causal", "segments", "bigbird"), ("fwd", "bwd")
 KNOWN_KERNEL_FAILURES: dict[str, str] = {}  # "64-causal-bwd": "reason" for a kernel Mosaic cannot compile
 
 
@@ -308,8 +309,9 @@ def _compiles(fn, args, kernels) -> str:
 
 
 def _mask(kind, seg):
-  segments = {"q_segment_ids": seg, "kv_segment_ids": seg} if kind == "segments" else {}
-  return Mask(causal=kind == "causal", **segments)
+  segments = {"q_segment_ids": seg, "kv_segment_ids": seg} if kind in ("segments", "bigbird") else {}
+  sparse = BlockSparse(128, 1, 0, 1) if kind == "bigbird" else None  # with segments: the fetch-table path
+  return Mask(causal=kind in ("causal", "bigbird"), block_sparse=sparse, **segments)
 
 
 def _kernel_matrix() -> dict[str, str]:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from t_jax.attention import Mask, attention, xla_attention
+from t_jax.attention.masks import BlockSparse
 from t_jax.kernels import flash_attention, supports
-from t_jax.kernels._blocks import Config, kv_range, q_range, segment_bounds
+from t_jax.kernels._blocks import Config, kv_range, q_range, segment_bounds, sparse_visits
 from tests.attention_reference import np_attention, np_mask
 
 # Tolerances, as max |error| / max(1, max |reference|): f32 is exact f32 math up to summation order;
@@ -322,6 +323,89 @@ def test_masked_blocks_are_skipped(masks, backend):
   np.testing.assert_allclose(np.asarray(dq)[:, rows], np.asarray(rdq)[:, rows], atol=1e-4)
 
 
+# ------------------------------------------------------------------------------ BigBird block-sparse
+
+BIGBIRD_CASES = {
+    # name: (causal, rule, other mask rules, explicit blocks, backend); 44 positions: a ragged last block
+    "bidirectional_r2_segments": (False, BlockSparse(8, 3, 1, 2, seed=3), "segments", {}, "triton"),
+    "causal_r2_bias": (True, BlockSparse(8, 3, 1, 2, seed=1), "bias", {}, "triton"),
+    "causal_r0_segments_prefix": (True, BlockSparse(8, 3, 1, 0), "prefix", {}, "triton"),
+    "bidirectional_r1_window_blocks8": (False, BlockSparse(16, 1, 0, 1, seed=2), "window",
+                                        dict(block_q=8, block_k=8), "triton"),
+    "causal_r2_segments-mosaic_tpu": (True, BlockSparse(8, 3, 1, 2, seed=1), "segments", {}, "mosaic_tpu"),
+    "causal_r0_segments_prefix-mosaic_tpu": (True, BlockSparse(8, 3, 1, 0), "prefix", {}, "mosaic_tpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(BIGBIRD_CASES))
+def test_block_sparse_matches_xla(case):
+  """The kernel (visiting only the rule's key blocks) equals the dense XLA oracle: output and dq, dk, dv."""
+  causal, rule, extra, blocks, backend = BIGBIRD_CASES[case]
+  q, k, v, do = inputs(11, 2, 44, 44, 4, 2, 16, jnp.float32)  # GQA: 4 query heads over 2 kv heads
+  seg = packed_segments(np.random.default_rng(1), 2, 44, pad=5)
+  masks = {"segments": dict(q_segment_ids=seg, kv_segment_ids=seg),
+           "prefix": dict(q_segment_ids=seg, kv_segment_ids=seg, prefix_len=np.array([6, 19], np.int32)),
+           "window": dict(window=20), "bias": {}}[extra]
+  bias = 0.5 * jax.random.normal(jax.random.PRNGKey(2), (1, 4, 44, 44)) if extra == "bias" else None
+  out, grads = run_kernel(q, k, v, do, bias, causal=causal, block_sparse=rule, backend=backend, **blocks, **masks)
+  xout, xgrads = run_xla(q, k, v, do, bias, causal=causal, block_sparse=rule, **masks)
+  assert rel_err(out, xout) < 1e-5 and len(grads) == len(xgrads) == 3 + (bias is not None)
+  for name, g, xg in zip(("dq", "dk", "dv", "dbias"), grads, xgrads):
+    assert rel_err(g, xg) < 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_block_sparse_visits_only_the_rule_s_blocks(backend):
+  """The visit table holds exactly the rule's blocks (far fewer than dense), and poisoned (NaN) k/v blocks
+  that a q block never visits do not reach its output or dq."""
+  rule, n = BlockSparse(16, 3, 1, 2, seed=5), 128
+  mask = Mask(block_sparse=rule)
+  cfg = dataclasses.replace(_cfg(n, n, 16, 16, False, None, None), block_sparse=rule)
+  table, count = sparse_visits(cfg, 1, 16, 16, None, None)
+  dense = np.asarray(mask.dense(1, n, n))[0, 0].reshape(8, 16, 8, 16).any((1, 3))
+  count, table = np.asarray(count)[0], np.asarray(table)[0]
+  assert [sorted(table[i, :c]) for i, c in enumerate(count)] == [list(np.flatnonzero(r)) for r in dense]
+  assert count.sum() == dense.sum() < 0.7 * dense.size and count[1:].max() <= 3 + 1 + 2
+  by_kv, count_kv = (np.asarray(x)[0] for x in sparse_visits(cfg, 1, 16, 16, None, None, by_kv=True))
+  assert [sorted(by_kv[j, :c]) for j, c in enumerate(count_kv)] == [list(np.flatnonzero(c)) for c in dense.T]
+  q, k, v, do = inputs(12, 1, n, n, 1, 1, 16, jnp.float32)
+  j = int(np.flatnonzero(~dense.all(0))[-1])    # a key block some q blocks never visit
+  rows = np.repeat(~dense[:, j], 16)
+  poison = np.zeros((1, n, 1, 1), np.float32)
+  poison[:, 16 * j:16 * (j + 1)] = np.nan
+  out, (dq, _, _) = run_kernel(q, k + poison, v + poison, do, block_sparse=rule, backend=backend)
+  xout, (xdq, _, _) = run_xla(q, k, v, do, block_sparse=rule)
+  assert rows.sum() >= 32 and not np.isfinite(np.asarray(out)).all()  # visiting rows do see the NaNs
+  np.testing.assert_allclose(np.asarray(out)[:, rows], np.asarray(xout)[:, rows], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(dq)[:, rows], np.asarray(xdq)[:, rows], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_block_sparse_rows_with_no_visit_are_zero(backend):
+  """Cross-attention: q blocks 2.. have no diagonal key block (and no global or random ones) to visit."""
+  q, k, v, do = inputs(13, 1, 40, 16, 2, 1, 16, jnp.float32)
+  rule = BlockSparse(8, 1, 0, 0)
+  out, grads = run_kernel(q, k, v, do, block_sparse=rule, backend=backend)
+  xout, xgrads = run_xla(q, k, v, do, block_sparse=rule)
+  assert np.all(np.asarray(out)[:, 16:] == 0) and rel_err(out, xout) < 1e-5
+  for g, xg in zip(grads, xgrads):
+    assert rel_err(g, xg) < 1e-4
+
+
+def test_block_sparse_block_sizes_and_backends():
+  q, k, _, _ = inputs(0, 1, 32, 32, 2, 2, 16, jnp.float32)
+  mask = Mask(causal=True, block_sparse=BlockSparse(24, 1, 0, 0))  # blocks must divide 24: 8 by default
+  ref = xla_attention(q, k, k, mask=mask, scale=0.25)
+  np.testing.assert_allclose(flash_attention(q, k, k, mask=mask), ref, atol=2e-5)
+  with pytest.raises(ValueError, match="divide the BigBird block 24"):
+    flash_attention(q, k, k, mask=mask, block_k=16)
+  with pytest.raises(ValueError, match=">= 16"):  # a real GPU needs 16-blocks: 24 has no such divisor
+    flash_attention(q, k, k, mask=mask, interpret=False)
+  assert supports(q, k, mask)
+  with pytest.raises(ValueError, match=">= 128, got 64 .a divisor of the BigBird block 64"):  # TPU: 128 lanes
+    flash_attention(q, k, k, mask=Mask(block_sparse=BlockSparse(64)), backend="mosaic_tpu", interpret=False)
+
+
 # ---------------------------------------------------------------------------------- TPU formulation
 
 
@@ -494,6 +578,25 @@ def test_kernels_lower_for_real_devices(backend, platform, marker, d):
     mask = Mask(causal=True, window=100, prefix_len=prefix, q_segment_ids=seg, kv_segment_ids=seg)
     o = flash_attention(q, k, v, mask=mask, bias=bias, backend=backend, interpret=False)
     return o.astype(jnp.float32).sum()
+
+  args = (s((b, sq, h, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16),
+          s((1, h, sq, sq), jnp.float32), seg, s((b,), jnp.int32))
+  text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(marker) == 3, "expected forward, dk/dv and dq kernels"
+
+
+@pytest.mark.parametrize("backend,platform,marker", [("triton", "cuda", "xla.gpu.triton"),
+                                                     ("mosaic_tpu", "tpu", "tpu_custom_call")])
+def test_block_sparse_kernels_lower_for_real_devices(backend, platform, marker):
+  """BigBird's visit tables (with segments, prefix and a learned bias) lower to Triton IR / Mosaic MLIR."""
+  s = jax.ShapeDtypeStruct
+  b, sq, h, hkv, d = 2, 300, 4, 2, 64
+  seg = s((b, sq), jnp.int32)
+
+  def loss(q, k, v, bias, seg, prefix):
+    mask = Mask(causal=True, prefix_len=prefix, q_segment_ids=seg, kv_segment_ids=seg,
+                block_sparse=BlockSparse(128, 3, 1, 2))
+    return flash_attention(q, k, v, mask=mask, bias=bias, backend=backend, interpret=False).astype(jnp.float32).sum()
 
   args = (s((b, sq, h, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16), s((b, sq, hkv, d), jnp.bfloat16),
           s((1, h, sq, sq), jnp.float32), seg, s((b,), jnp.int32))

@@ -188,14 +188,20 @@ def test_gathered_bigbird_equals_the_dense_reference_with_the_same_mask(causal, 
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_bigbird_is_refused_by_the_kernels_and_auto_falls_back():
-  from t_jax.attention import attention
-  from t_jax.kernels import supports
+def test_bigbird_runs_in_the_pallas_kernel_and_auto_stays_on_xla(monkeypatch):
+  import t_jax.kernels as kernels
+  from t_jax.attention import attention, variants
   q, k, v = _bigbird_case()
   mask = Mask(causal=True, block_sparse=BlockSparse(4, 3, 1, 1))
-  assert not supports(q, k, mask)
-  np.testing.assert_allclose(attention(q, k, v, mask=mask), xla_attention(q, k, v, mask=mask, scale=8 ** -0.5),
-                             rtol=1e-6)
+  ref = xla_attention(q, k, v, mask=mask, scale=8 ** -0.5)
+  assert kernels.supports(q, k, mask)  # interpret mode on CPU
+  np.testing.assert_allclose(attention(q, k, v, mask=mask), ref, rtol=1e-6)
+  calls, real = [], kernels.flash_attention
+  monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  spec = variants.Spec(kind="bigbird", sparse_block=4, window_blocks=3, global_blocks=1, random_blocks=1)
+  out, _ = variants.attention(q, k, v, spec=spec, mask=Mask(causal=True), implementation="pallas")
+  assert len(calls) == 1 and calls[0]["mask"].block_sparse == mask.block_sparse
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 # LSH ------------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class Mask:
     causal:       kv_pos <= q_pos, or kv_pos < prefix_len (prefix-LM; an int or a [batch] array)
     segment ids:  q_segment == kv_segment, both [batch, seq] (packing); id 0 marks padding
     window:       |q_pos - kv_pos| < window (sliding window; a static int >= 1)
-    block_sparse: a static `BlockSparse` (BigBird); the Pallas kernels do not take it (XLA computes it densely)
+    block_sparse: a static `BlockSparse` (BigBird); XLA computes it densely (the oracle), the Pallas kernels
+                  compute only the key blocks it allows
   Positions default to 0..len-1; KV-cache decoding passes absolute positions (broadcastable to
   [batch, seq]), a negative kv position marking an empty cache slot. A pytree: the arrays are leaves,
   `causal` and `window` static.

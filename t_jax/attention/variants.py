@@ -1,8 +1,9 @@
 """The sibling entry point for attention kinds beyond softmax (`ModelConfig.attention_kind`).
 
   softmax    `t_jax.attention` as it is
-  bigbird    a `BlockSparse` rule in the Mask: gathered key blocks (bigbird.py), or densely by `t_jax.attention`
-             (with a bias, dropout or explicit positions; the dense XLA form is the oracle)
+  bigbird    a `BlockSparse` rule in the Mask: gathered key blocks (bigbird.py), the Pallas flash kernel's visit
+             table (implementation='pallas'), or densely by `t_jax.attention` (with a bias, dropout or explicit
+             positions; the dense XLA form is the oracle)
   performer  FAVOR+ positive orthogonal random features (linear.py)
   rfa        random Fourier features (linear.py)
   lsh        Reformer shared-QK LSH attention (lsh.py; the caller passes k = q)

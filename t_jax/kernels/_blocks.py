@@ -1,4 +1,5 @@
-"""Static kernel configuration and shared tile math, block ranges for skipping masked blocks, in-block mask.
+"""Static kernel configuration and shared tile math, block ranges for skipping masked blocks, in-block mask,
+and BigBird's visit tables (the key blocks each query block visits; `sparse_visits`).
 
 Shared by the Triton (GPU, also run in interpret mode on CPU) and Mosaic TPU kernels. The range
 helpers take int32 scalars (or arrays, elementwise) and use only min/max/non-negative division, which
@@ -46,6 +47,7 @@ class Config:
   num_stages: int
   num_warps_bwd: int
   exact_f32: bool         # f32 inputs: IEEE f32 matmuls (no TF32)
+  block_sparse: Optional[Any] = None  # a `BlockSparse` rule (BigBird); its block is a multiple of every block
 
   @property
   def group(self) -> int:
@@ -216,6 +218,33 @@ def segment_bounds(row_ids: Array, col_ids: Array, row_len: int, col_len: int, r
   full_lo = jnp.where(full, j, j.size).min(-1)
   full_hi = jnp.where(~full & (j > full_lo[..., None]), j, j.size).min(-1)  # first non-full block after
   return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
+
+
+def sparse_blocks(cfg: Config, batch: int, bq: int, bk: int, prefix: Optional[Array], seg: Optional[Array]
+                  ) -> Array:
+  """Boolean [batch, q blocks, kv blocks]: the tiles BigBird's rule visits. The kernel blocks divide the
+  rule's block, so the rule is uniform on each tile and is read at one position per tile; the tiles are
+  narrowed by `kv_range` (causal, window, prefix, segment ids from `seg`, this layout's
+  `segment_block_bounds`) and to real query and key blocks."""
+  nq, nk = cfg.q_len_padded // bq, cfg.kv_len_padded // bk
+  qi = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
+  kj = jnp.arange(nk, dtype=jnp.int32)[None, None, :]
+  seg = None if seg is None else tuple(seg[..., c, None] for c in range(4))
+  lo, _, _, hi = kv_range(cfg, qi, bq, bk, None if prefix is None else prefix[:, None, None], seg)
+  visit = cfg.block_sparse.allowed(qi * bq, kj * bk, cfg.causal, cfg.kv_len)
+  return jnp.broadcast_to(visit & (kj >= lo) & (kj < hi) & (qi * bq < cfg.q_len), (batch, nq, nk))
+
+
+def sparse_visits(cfg: Config, batch: int, bq: int, bk: int, prefix: Optional[Array], seg: Optional[Array],
+                  by_kv: bool = False) -> tuple[Array, Array]:
+  """BigBird's visit table: int32 [batch, rows, cols] whose first count[b, row] entries (ascending) are the
+  column blocks row block `row` visits, and count [batch, rows]; rows are q blocks, or kv blocks by_kv (the
+  transpose of `sparse_blocks`)."""
+  visit = sparse_blocks(cfg, batch, bq, bk, prefix, seg)
+  if by_kv:
+    visit = jnp.swapaxes(visit, 1, 2)
+  table = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)  # visited blocks first, in order
+  return table, jnp.sum(visit, axis=-1, dtype=jnp.int32)
 
 
 def block_mask(cfg: Config, q_pos: Array, kv_pos: Array, q_seg: Optional[Array], kv_seg: Optional[Array],

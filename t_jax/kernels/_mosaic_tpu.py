@@ -4,7 +4,9 @@ Tensors are transposed to [batch, heads, seq, head_dim] so each tile is a plain 
 online-softmax state lives in VMEM scratch across the reduction axis. Skipped (fully masked) steps do
 no compute, and their index maps are clamped into the visited range so the pipeline issues no new DMA
 (the grid step itself remains). GQA: index maps read kv head h // group (`idiv`); the dk/dv kernel's
-reduction axis walks (query head of the group, q block), so k/v are never repeated.
+reduction axis walks (query head of the group, q block), so k/v are never repeated. BigBird
+(`Mask.block_sparse`): a scalar-prefetched table (`_fetch_table`) names the block each step fetches: its
+own when the rule visits it, else the last visited one, so skipped steps issue no DMA.
 
 Verified: interpret mode on CPU (every mask kind) and lowering to Mosaic MLIR (`lowering_platforms=("tpu",)`);
 not yet Mosaic compilation (which enforces the block/layout rules) or speed on a TPU.
@@ -29,6 +31,7 @@ from t_jax.kernels._blocks import (
   online_softmax_step,
   q_range,
   segment_block_bounds,
+  sparse_blocks,
 )
 
 Array = jax.Array
@@ -54,9 +57,13 @@ def _tile_mask(cfg: Config, qi: Array, kj: Array, bq: int, bk: int, qseg_ref: ob
   return block_mask(cfg, q_pos, kv_pos, q_seg, kv_seg, prefix)
 
 
-def _when_visited(cfg: Config, step: Array, bounds: tuple, compute: Callable) -> None:
-  """Runs compute(masked) when `step` is in [lo, hi); the mask only outside [full_lo, full_hi)."""
-  lo, flo, fhi, hi = bounds
+def _when_visited(cfg: Config, step: Array, bounds: Callable, entry: Optional[Array], compute: Callable) -> None:
+  """Runs compute(masked) when `step` is in [lo, hi) of bounds(); the mask only outside [full_lo, full_hi).
+  BigBird: when the step's fetch-table `entry` is the step itself (visited)."""
+  if cfg.block_sparse is not None:
+    pl.when(entry == step)(lambda: compute(cfg.any_mask))
+    return
+  lo, flo, fhi, hi = bounds()
   visited = (step >= lo) & (step < hi)
   if not cfg.any_mask:
     pl.when(visited)(lambda: compute(False))
@@ -70,6 +77,35 @@ def _clamped(step: Array, bounds: tuple) -> Array:
   """The block index to fetch at `step`: clamped into [lo, hi) so skipped steps re-use a block."""
   lo, hi = bounds[0], bounds[3]
   return jnp.minimum(jnp.maximum(step, lo), jnp.maximum(hi - 1, lo))
+
+
+def _entry(cfg: Config, step: Array, fetch_ref: object, b: Array, row: Array, rows: int, steps: int
+           ) -> Optional[Array]:
+  """BigBird's `_fetch_table` entry for `step` of row block `row` (None without block_sparse)."""
+  return fetch_ref[(b * rows + row) * steps + step] if cfg.block_sparse is not None else None
+
+
+def _fetch(cfg: Config, step: Array, bounds: Callable, fetch_ref: object, b: Array, row: Array, rows: int,
+           steps: int) -> Array:
+  """The block fetched at `step` of row block `row`: from BigBird's table, else clamped into bounds()."""
+  if cfg.block_sparse is None:
+    return _clamped(step, bounds())
+  return lax.rem(_entry(cfg, step, fetch_ref, b, row, rows, steps), jnp.int32(steps))
+
+
+def _fetch_table(cfg: Config, batch: int, prefix: Optional[Array], q_seg: Optional[Array],
+                 kv_seg: Optional[Array], bq: int, bk: int, by_kv: bool) -> Array:
+  """Flat int32 [B * rows * steps]: the step itself where the rule visits it, else steps + the block to
+  fetch (the last visited, or the first if none yet)."""
+  if cfg.block_sparse is None:
+    return jnp.zeros((1,), jnp.int32)
+  visit = sparse_blocks(cfg, batch, bq, bk, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk))
+  visit = jnp.swapaxes(visit, 1, 2) if by_kv else visit
+  n = visit.shape[-1]
+  step = jnp.arange(n, dtype=jnp.int32)
+  last = lax.cummax(jnp.where(visit, step, -1), axis=2)
+  first = jnp.argmax(visit, axis=-1).astype(jnp.int32)[..., None]
+  return jnp.where(visit, step, n + jnp.where(last >= 0, last, first)).reshape(-1)
 
 
 def _prefix(cfg: Config, prefix_ref: object, b: Array) -> Optional[Array]:
@@ -95,11 +131,13 @@ def _bounds(cfg: Config, bq: int, bk: int, by_kv: bool = False) -> Callable:
 
 
 def _scalar_args(cfg: Config, prefix: Optional[Array], batch: int, q_seg: Optional[Array],
-                 kv_seg: Optional[Array], bq: int, bk: int, by_kv: bool = False) -> tuple[Array, Array]:
-  """Scalar-prefetched prefix lengths [B] and flat segment bounds [B * n_blocks * 4] (dummies if absent)."""
+                 kv_seg: Optional[Array], bq: int, bk: int, by_kv: bool = False) -> tuple[Array, Array, Array]:
+  """Scalar-prefetched prefix lengths [B], flat segment bounds [B * n_blocks * 4] and BigBird's fetch table
+  (`_fetch_table`; dummies if absent)."""
+  fetch = _fetch_table(cfg, batch, prefix, q_seg, kv_seg, bq, bk, by_kv)
   prefix = prefix if cfg.has_prefix else jnp.zeros((batch,), jnp.int32)
   bounds = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv)
-  return prefix, jnp.zeros((4,), jnp.int32) if bounds is None else bounds.reshape(-1)
+  return prefix, jnp.zeros((4,), jnp.int32) if bounds is None else bounds.reshape(-1), fetch
 
 
 def _to_bhsd(x: Array) -> Array:
@@ -114,8 +152,8 @@ def _aux_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg
 def _q_grid_specs(cfg: Config, bq: int, bk: int, d: int) -> tuple[list, pl.BlockSpec, pl.BlockSpec]:
   """On a (batch, head, q block, kv block) grid: in-specs of q, k, v (+ bias, segment ids), the spec of a
   [bq, d] q-block tile and of a [bq, 1] row tile; kv blocks are clamped into the visited range."""
-  kvr, g = _bounds(cfg, bq, bk), cfg.group
-  kblk = lambda bb, i, j, p, s: _clamped(j, kvr(i, bb, p, s))
+  kvr, g, nq, nk = _bounds(cfg, bq, bk), cfg.group, cfg.q_len_padded // bq, cfg.kv_len_padded // bk
+  kblk = lambda bb, i, j, p, s, f: _fetch(cfg, j, lambda: kvr(i, bb, p, s), f, bb, i, nq, nk)
   q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
   kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, j, *r: (bb, idiv(hh, g), kblk(bb, i, j, *r), 0))
   specs = [q_spec, kv, kv]
@@ -131,12 +169,14 @@ def _q_grid_specs(cfg: Config, bq: int, bk: int, d: int) -> tuple[list, pl.Block
 # ----------------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object) -> None:
+def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, fetch_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
    m_sc, l_sc, acc_sc) = _unpack(cfg, refs)
   bq, bk = cfg.block_q, cfg.block_k
   b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   prefix = _prefix(cfg, prefix_ref, b)
+  bounds = lambda: _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref)
+  entry = _entry(cfg, kj, fetch_ref, b, qi, cfg.q_len_padded // bq, cfg.kv_len_padded // bk)
 
   @pl.when(kj == 0)
   def _init() -> None:
@@ -152,7 +192,7 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object)
       s = jnp.where(_tile_mask(cfg, qi, kj, bq, bk, qseg_ref, kseg_ref, prefix), s, -jnp.inf)
     online_softmax_step(s, v_ref[...], m_sc, l_sc, acc_sc, cfg.dot)
 
-  _when_visited(cfg, kj, _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, kj, bounds, entry, compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -169,7 +209,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
   sk, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
   in_specs, q_spec, row_spec = _q_grid_specs(cfg, bq, bk, d)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=[q_spec, row_spec],
+      num_scalar_prefetch=3, grid=(b, h, sq // bq, sk // bk), in_specs=in_specs, out_specs=[q_spec, row_spec],
       scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, d), _F32)])
   o, lse = pl.pallas_call(
       lambda *refs: _fwd_kernel(cfg, *refs), grid_spec=grid_spec,
@@ -183,7 +223,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
 # ---------------------------------------------------------------------------------------- backward
 
 
-def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object) -> None:
+def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, fetch_ref: object, *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
    dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(cfg, refs)
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -191,6 +231,8 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object
   b, kj, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   qi = lax.rem(t, jnp.int32(nq))
   prefix = _prefix(cfg, prefix_ref, b)
+  bounds = lambda: _bounds(cfg, bq, bk, by_kv=True)(kj, b, prefix_ref, seg_ref)
+  entry = _entry(cfg, qi, fetch_ref, b, kj, cfg.kv_len_padded // bk, nq)
 
   @pl.when(t == 0)
   def _init() -> None:
@@ -205,7 +247,7 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object
     dv_sc[...] += cfg.dot(p.astype(do.dtype), do, 0, 0)
     dk_sc[...] += cfg.dot(ds.astype(q.dtype), q, 0, 0)
 
-  _when_visited(cfg, qi, _bounds(cfg, bq, bk, by_kv=True)(kj, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, qi, bounds, entry, compute)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -213,13 +255,16 @@ def _dkdv_kernel(cfg: Config, prefix_ref: object, seg_ref: object, *refs: object
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: object, *refs: object) -> None:
+def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: object, fetch_ref: object,
+               *refs: object) -> None:
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
    dq_ref, *rest) = _unpack(cfg, refs)
   dbias_ref, dq_sc = (rest[0], rest[1]) if need_dbias else (None, rest[0])
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   prefix = _prefix(cfg, prefix_ref, b)
+  bounds = lambda: _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref)
+  entry = _entry(cfg, kj, fetch_ref, b, qi, cfg.q_len_padded // bq, cfg.kv_len_padded // bk)
 
   @pl.when(kj == 0)
   def _init() -> None:
@@ -237,7 +282,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: objec
       dbias_ref[...] = ds
     dq_sc[...] += cfg.dot(ds.astype(k.dtype), k, 1, 0)
 
-  _when_visited(cfg, kj, _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref), compute)
+  _when_visited(cfg, kj, bounds, entry, compute)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finish() -> None:
@@ -258,7 +303,9 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
 
   # dk, dv: grid (batch, kv head, kv block, group head x q block).
   qr = _bounds(cfg, bq, bk, by_kv=True)
-  qblk = lambda bb, j, t, p, s: _clamped(lax.rem(t, jnp.int32(nq)), qr(j, bb, p, s))
+  nk = sk // bk
+  qblk = lambda bb, j, t, p, s, f: _fetch(cfg, lax.rem(t, jnp.int32(nq)), lambda: qr(j, bb, p, s), f, bb, j,
+                                          nk, nq)
   qhead = lambda hk, t: hk * g + idiv(t, nq)
   qspec = pl.BlockSpec((None, None, bq, d), lambda bb, hk, j, t, *r: (bb, qhead(hk, t), qblk(bb, j, t, *r), 0))
   kvspec = pl.BlockSpec((None, None, bk, d), lambda bb, hk, j, t, *r: (bb, hk, j, 0))
@@ -272,7 +319,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
                  pl.BlockSpec((None, 1, bk), lambda bb, hk, j, t, *r: (bb, 0, j))]
   in_specs += [qspec, rowspec, rowspec]
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, hkv, sk // bk, g * nq), in_specs=in_specs, out_specs=[kvspec, kvspec],
+      num_scalar_prefetch=3, grid=(b, hkv, sk // bk, g * nq), in_specs=in_specs, out_specs=[kvspec, kvspec],
       scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)])
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs), grid_spec=grid_spec,
@@ -289,7 +336,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
     out_shape.append(jax.ShapeDtypeStruct((b, h, sq, sk), _F32))
     out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda bb, hh, i, j, *r: (bb, hh, i, j)))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, h, nq, sk // bk), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=3, grid=(b, h, nq, sk // bk), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, d), _F32)])
   outs = pl.pallas_call(
       lambda *refs: _dq_kernel(cfg, need_dbias, *refs), grid_spec=grid_spec, out_shape=out_shape,

@@ -7,7 +7,9 @@ head and loops over the query heads of its group, so no reduction over repeated 
 
 Every loop is split into masked / fully visible / masked ranges (see `_blocks.kv_range`): fully masked
 blocks (by causality, window, prefix or segment ids) are not visited at all and fully visible ones skip
-the mask arithmetic.
+the mask arithmetic. BigBird (`Mask.block_sparse`) replaces the ranges by a visit table (`sparse_visits`,
+built in JAX per call): the forward and dq loops walk each q block's row of key blocks, the dk/dv loop the
+transposed table; visited tiles take the in-block mask of the other rules.
 
 Verified: interpret mode on CPU (every mask kind) and lowering to Triton IR (`lowering_platforms=("cuda",)`);
 not yet PTX compilation or speed on a real GPU.
@@ -24,7 +26,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from t_jax.kernels._blocks import Config, block_mask, idiv, kv_range, q_range, segment_block_bounds
+from t_jax.kernels._blocks import (
+  Config,
+  block_mask,
+  idiv,
+  kv_range,
+  q_range,
+  segment_block_bounds,
+  sparse_visits,
+)
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -38,20 +48,26 @@ def _compiler_params(cfg: Config, num_warps: int) -> Optional[object]:
 
 
 def _unpack(cfg: Config, refs: tuple, n_tail: int) -> tuple:
-  """(q, k, v, bias, q_seg, kv_seg, prefix scalar, this block's 4 segment bounds, rest...); None if absent."""
+  """(q, k, v, bias, q_seg, kv_seg, prefix scalar, this block's 4 segment bounds, (visit row ref, count) for
+  BigBird, rest...); None if absent."""
   it = iter(refs)
   q, k, v = next(it), next(it), next(it)
   bias = next(it) if cfg.has_bias else None
   q_seg, kv_seg, seg = (next(it), next(it), next(it)) if cfg.has_segments else (None, None, None)
   prefix = next(it)[...] if cfg.has_prefix else None
+  sparse = (next(it), next(it)[...]) if cfg.block_sparse is not None else None
   rest = list(it)
   assert len(rest) == n_tail, (len(refs), n_tail)
   seg = tuple(seg[c] for c in range(4)) if seg is not None else None
-  return (q, k, v, bias, q_seg, kv_seg, prefix, seg, *rest)
+  return (q, k, v, bias, q_seg, kv_seg, prefix, seg, sparse, *rest)
 
 
-def _phased_loop(cfg: Config, bounds: tuple, step: Callable, carry: object) -> object:
-  """Runs step(masked, idx, carry) over masked [lo, flo), visible [flo, fhi), masked [fhi, hi)."""
+def _phased_loop(cfg: Config, bounds: tuple, sparse: Optional[tuple], step: Callable, carry: object) -> object:
+  """Runs step(masked, idx, carry) over masked [lo, flo), visible [flo, fhi), masked [fhi, hi); with a
+  BigBird visit table (row ref, count), over the row's first `count` blocks instead."""
+  if sparse is not None:
+    row, count = sparse
+    return lax.fori_loop(0, count, lambda t, c: step(cfg.any_mask, row[t], c), carry)
   lo, flo, fhi, hi = bounds
   if not cfg.any_mask:
     return lax.fori_loop(lo, hi, functools.partial(step, False), carry)
@@ -68,7 +84,7 @@ def _positions(start: Array, n: int) -> Array:
 
 
 def _fwd_kernel(cfg: Config, *refs: object) -> None:
-  q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg, o_ref, lse_ref = _unpack(cfg, refs, 2)
+  q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg, sparse, o_ref, lse_ref = _unpack(cfg, refs, 2)
   bq, bk = cfg.block_q, cfg.block_k
   qi = pl.program_id(0)
   q = q_ref[...]
@@ -97,15 +113,17 @@ def _fwd_kernel(cfg: Config, *refs: object) -> None:
 
   d = q.shape[-1]
   carry = (jnp.zeros((bq, d), _F32), jnp.full((bq,), -jnp.inf, _F32), jnp.zeros((bq,), _F32))
-  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix, seg), step, carry)
+  acc, m, den = _phased_loop(cfg, kv_range(cfg, qi, bq, bk, prefix, seg), sparse, step, carry)
   empty = den == 0.0  # fully masked rows: output 0, lse +inf (so backward gets p = 0)
   o_ref[...] = (acc / jnp.where(empty, 1.0, den)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, den)))
 
 
 def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias_spec: pl.BlockSpec,
-                  qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec) -> list:
-  """In-specs of the inputs present: q, k, v, bias, segment ids, their bounds (per axis-0 block), prefix."""
+                  qseg_spec: pl.BlockSpec, kseg_spec: pl.BlockSpec, prefix_spec: pl.BlockSpec,
+                  visits: int) -> list:
+  """In-specs of the inputs present: q, k, v, bias, segment ids, their bounds (per axis-0 block), prefix,
+  BigBird's visit table (`visits` columns) and count (per axis-0 block)."""
   specs = [q_spec, kv_spec, kv_spec]
   if cfg.has_bias:
     specs.append(bias_spec)
@@ -113,17 +131,20 @@ def _common_specs(cfg: Config, q_spec: pl.BlockSpec, kv_spec: pl.BlockSpec, bias
     specs += [qseg_spec, kseg_spec, pl.BlockSpec((None, None, 4), lambda i, b, h: (b, i, 0))]
   if cfg.has_prefix:
     specs.append(prefix_spec)
+  if cfg.block_sparse is not None:
+    specs += [pl.BlockSpec((None, None, visits), lambda i, b, h: (b, i, 0)),
+              pl.BlockSpec((None, None), lambda i, b, h: (b, i))]
   return specs
 
 
 def _extra_args(cfg: Config, bias: Optional[Array], q_seg: Optional[Array], kv_seg: Optional[Array],
-                prefix: Optional[Array], seg_bounds: Optional[Array]) -> list:
+                prefix: Optional[Array], seg_bounds: Optional[Array], sparse: Optional[tuple] = None) -> list:
   args = [bias] if cfg.has_bias else []
   args += [q_seg, kv_seg, seg_bounds] if cfg.has_segments else []
-  return args + ([prefix] if cfg.has_prefix else [])
+  return args + ([prefix] if cfg.has_prefix else []) + list(sparse or ())
 
 
-def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
+def _q_block_specs(cfg: Config, bq: int, bk: int, sk: int, d: int) -> list:
   """Inputs of a kernel with one program per (q block, batch, head): q, k/v, bias, segments, prefix."""
   g = cfg.group
   return _common_specs(
@@ -133,15 +154,24 @@ def _q_block_specs(cfg: Config, bq: int, sk: int, d: int) -> list:
       pl.BlockSpec((None, None, bq, sk), lambda i, b, h: (*cfg.bias_index(b, h), i, 0)),
       pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
       pl.BlockSpec((None, sk), lambda i, b, h: (b, 0)),
-      pl.BlockSpec((None,), lambda i, b, h: (b,)))
+      pl.BlockSpec((None,), lambda i, b, h: (b,)), sk // bk)
+
+
+def _visits(cfg: Config, q: Array, q_seg: Optional[Array], kv_seg: Optional[Array], prefix: Optional[Array],
+            bq: int, bk: int, by_kv: bool = False) -> Optional[tuple[Array, Array]]:
+  """BigBird's visit table and counts per q block (by_kv: per kv block); None without block_sparse."""
+  if cfg.block_sparse is None:
+    return None
+  seg = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk)
+  return sparse_visits(cfg, q.shape[0], bq, bk, prefix, seg, by_kv)
 
 
 def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
             kv_seg: Optional[Array], prefix: Optional[Array]) -> tuple[Array, Array]:
   """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq] (f32; +inf on fully masked rows)."""
   b, sq, h, d = q.shape
-  sk, bq = k.shape[1], cfg.block_q
-  in_specs = _q_block_specs(cfg, bq, sk, d)
+  sk, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
+  in_specs = _q_block_specs(cfg, bq, bk, sk, d)
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
   return pl.pallas_call(
@@ -150,14 +180,15 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
       interpret=cfg.interpret, compiler_params=_compiler_params(cfg, cfg.num_warps),
       name="flash_attention_fwd",
-  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, cfg.block_k)))
+  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk),
+                          _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk)))
 
 
 # ---------------------------------------------------------------------------------------- backward
 
 
 def _dkdv_kernel(cfg: Config, *refs: object) -> None:
-  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg,
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg, sparse,
    do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _unpack(cfg, refs, 5)
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
   kj = pl.program_id(0)
@@ -184,7 +215,7 @@ def _dkdv_kernel(cfg: Config, *refs: object) -> None:
       dv = dv + cfg.dot(p.astype(do.dtype), do, 0, 0)
       dk = dk + cfg.dot(ds.astype(q.dtype), q, 0, 0)
       return dk, dv
-    return _phased_loop(cfg, bounds, step, carry)
+    return _phased_loop(cfg, bounds, sparse, step, carry)
 
   d = k.shape[-1]
   zeros = jnp.zeros((bk, d), _F32)
@@ -194,7 +225,7 @@ def _dkdv_kernel(cfg: Config, *refs: object) -> None:
 
 
 def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
-  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg,
+  (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, prefix, seg, sparse,
    do_ref, lse_ref, delta_ref, dq_ref, *dbias_ref) = _unpack(cfg, refs, 4 + need_dbias)
   dbias_ref = dbias_ref[0] if need_dbias else None
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
@@ -218,14 +249,17 @@ def _dq_kernel(cfg: Config, need_dbias: bool, *refs: object) -> None:
     return dq + cfg.dot(ds.astype(k.dtype), k, 1, 0)
 
   bounds = kv_range(cfg, qi, bq, bk, prefix, seg)
-  dq = _phased_loop(cfg, bounds, step, jnp.zeros(q.shape, _F32))
-  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:  # skipped (fully masked) tiles get a zero bias gradient
     def zero(j: Array, c: int) -> int:
       dbias_ref[:, pl.ds(pl.multiple_of(j * bk, bk), bk)] = jnp.zeros((bq, bk), _F32)
       return c
-    lax.fori_loop(0, bounds[0], zero, 0)
-    lax.fori_loop(bounds[3], cfg.kv_len_padded // bk, zero, 0)
+    if sparse is not None:  # every tile first; the visited ones are overwritten below
+      lax.fori_loop(0, cfg.kv_len_padded // bk, zero, 0)
+    else:
+      lax.fori_loop(0, bounds[0], zero, 0)
+      lax.fori_loop(bounds[3], cfg.kv_len_padded // bk, zero, 0)
+  dq = _phased_loop(cfg, bounds, sparse, step, jnp.zeros(q.shape, _F32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_seg: Optional[Array],
@@ -247,11 +281,12 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
       pl.BlockSpec((None, gb, sq, bk), lambda j, b, hk: (*cfg.bias_index(b, hk), 0, j)),
       pl.BlockSpec((None, sq), lambda j, b, hk: (b, 0)),
       pl.BlockSpec((None, bk), lambda j, b, hk: (b, j)),
-      pl.BlockSpec((None,), lambda j, b, hk: (b,)))
+      pl.BlockSpec((None,), lambda j, b, hk: (b,)), sq // bq)
   in_specs += [pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0))]
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True))
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True),
+                      _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk, by_kv=True))
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0))
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs),
@@ -261,8 +296,9 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(q, k, v, *extra, do, lse, delta)
 
   # dq (and the logits gradient for dbias): one program per (q block, batch, head).
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk))
-  in_specs = _q_block_specs(cfg, bq, sk, d)
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk),
+                      _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk))
+  in_specs = _q_block_specs(cfg, bq, bk, sk, d)
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]

@@ -1,8 +1,11 @@
 """Flash attention (FlashAttention-2: tiled, online softmax, log-sum-exp residual) under `jax.custom_vjp`.
 
 Semantics match `xla_attention`: q [B, Sq, H, D], k/v [B, Sk, Hkv, D], a `t_jax.attention.Mask` (causal,
-optionally prefix-LM, AND segment ids AND sliding window; no explicit positions), optional additive
-bias broadcastable to [B, H, Sq, Sk]; fully masked rows give 0 output and 0 gradients.
+optionally prefix-LM, AND segment ids AND sliding window AND BigBird's `block_sparse` pattern; no
+explicit positions), optional additive bias broadcastable to [B, H, Sq, Sk]; fully masked rows give 0
+output and 0 gradients. With block_sparse the kernel blocks divide the BigBird block (chosen so by
+default; on TPU the key blocks are >= 128, so its block must be a multiple of 128) and only the tiles
+the rule allows are computed.
 
 Backends: "triton" (GPU; also the formulation run in interpret mode on CPU) and "mosaic_tpu" (TPU).
 Gradients flow to q, k, v and, when the bias is being differentiated (e.g. a learned T5 bias), to the
@@ -79,9 +82,6 @@ def _check(q: Array, k: Array, v: Array, mask: Mask, bias: Optional[Array]) -> N
   if mask.q_positions is not None or mask.kv_positions is not None:
     raise NotImplementedError("the Pallas kernels take no explicit positions (KV-cache decoding); "
                               "use implementation='xla' there")
-  if mask.block_sparse is not None:
-    raise NotImplementedError("the Pallas kernels skip contiguous block ranges only, not BigBird's block_sparse "
-                              "pattern; use implementation='xla'")
   if bias is not None:
     _bias_shape(bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
@@ -100,15 +100,22 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _pick_block(given: Optional[int], default: int, length: int, backend: str, interpret: bool,
-                minor: bool) -> int:
-  """A block size: the default shrunk to the (rounded-up) length, or the caller's, validated."""
+                minor: bool, sparse: Optional[int]) -> int:
+  """A block size: the default shrunk to the (rounded-up) length and to a divisor of the BigBird block
+  `sparse` (if given), or the caller's, validated."""
   low = 128 if backend == "mosaic_tpu" and minor else 16
   if given is None:
-    return max(low, min(default, 1 << max(0, length - 1).bit_length()))
+    given = max(low, min(default, 1 << max(0, length - 1).bit_length()))
+    if sparse is None:
+      return given
+    given = min(given, sparse & -sparse)  # the largest power of two dividing the BigBird block
   if given < 1 or given & (given - 1):
     raise ValueError(f"block sizes must be powers of two, got {given}")
+  if sparse is not None and sparse % given:
+    raise ValueError(f"with block_sparse, block sizes must divide the BigBird block {sparse}; got {given}")
   if not interpret and given < low:
-    raise ValueError(f"the {backend} kernels need blocks >= {low}, got {given}")
+    raise ValueError(f"the {backend} kernels need blocks >= {low}, got {given}"
+                     + ("" if sparse is None else f" (a divisor of the BigBird block {sparse})"))
   return given
 
 
@@ -134,11 +141,12 @@ def flash_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None
   sk, hkv = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   dflt = default_blocks(backend, d)
-  blk = dict(
-      block_q=_pick_block(block_q, dflt["block_q"], sq, backend, interpret, False),
-      block_k=_pick_block(block_k, dflt["block_k"], sk, backend, interpret, True),
-      block_q_bwd=_pick_block(block_q_bwd, dflt["block_q_bwd"], sq, backend, interpret, False),
-      block_k_bwd=_pick_block(block_k_bwd, dflt["block_k_bwd"], sk, backend, interpret, True))
+  pick = functools.partial(_pick_block, backend=backend, interpret=interpret,
+                           sparse=None if mask.block_sparse is None else mask.block_sparse.block)
+  blk = dict(block_q=pick(block_q, dflt["block_q"], sq, minor=False),
+             block_k=pick(block_k, dflt["block_k"], sk, minor=True),
+             block_q_bwd=pick(block_q_bwd, dflt["block_q_bwd"], sq, minor=False),
+             block_k_bwd=pick(block_k_bwd, dflt["block_k_bwd"], sk, minor=True))
   sq_pad = _round_up(sq, max(blk["block_q"], blk["block_q_bwd"]))
   sk_pad = _round_up(sk, max(blk["block_k"], blk["block_k_bwd"]))
   # Triton tiles need power-of-two head dims >= 16: zero columns change neither logits nor outputs.
@@ -153,7 +161,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None
       bias_heads=bias_shape is not None and bias_shape[1] > 1,
       q_len=sq, kv_len=sk, q_len_padded=sq_pad, kv_len_padded=sk_pad, heads=h, kv_heads=hkv, scale=scale,
       num_warps=num_warps or dflt["num_warps"], num_stages=num_stages or dflt["num_stages"],
-      num_warps_bwd=num_warps or dflt["num_warps_bwd"], exact_f32=q.dtype == jnp.float32, **blk)
+      num_warps_bwd=num_warps or dflt["num_warps_bwd"], exact_f32=q.dtype == jnp.float32,
+      block_sparse=mask.block_sparse, **blk)
 
   pad4 = lambda x, s, dd: jnp.pad(x, ((0, 0), (0, s - x.shape[1]), (0, 0), (0, dd - x.shape[3])))
   qp, kp, vp = pad4(q, sq_pad, d_pad), pad4(k, sk_pad, d_pad), pad4(v, sk_pad, d_pad)
