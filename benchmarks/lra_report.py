@@ -5,7 +5,7 @@
   python benchmarks/attention.py --kinds=softmax,performer,rfa,bigbird,lsh,aft --out=K.json
   python benchmarks/lra_report.py --sweeps=sweeps/lra_listops,sweeps/lra_text --kinds_json=K.json --out=DIR
 
-Per task and kind: the sweep's accuracy (its metric), steps and wall time, the median training tokens/s
+Per task and kind: the sweep's accuracy (its metric) and eval loss, steps and wall time, the median training tokens/s
 of the run's metrics.jsonl, and the peak memory of the compiled training step on this host (XLA's memory
 analysis of the run's own config.gin: arguments + outputs - donated + temporaries). Per kind and length:
 one forward's time and temporary memory from the --kinds JSON. Writes DIR/lra.md, DIR/lra.json and
@@ -49,7 +49,7 @@ def variant_row(sweep: str, rec: dict, metric: str) -> dict:
   memory = aot.step_memory(config.experiment(), jax.devices()[:1])
   num = lambda k: float(rec[k]) if rec.get(k) not in (None, "") else None
   return dict(task=os.path.basename(os.path.normpath(sweep)), kind=kind_of(rec["bindings"]),
-              status=rec["status"], accuracy=num(metric), steps=num("steps"), wall_s=num("wall_s"),
+              status=rec["status"], accuracy=num(metric), eval_loss=num("eval_loss"), steps=num("steps"), wall_s=num("wall_s"),
               params=num("params"), train_tokens_per_s=statistics.median(speeds) if speeds else None,
               train_step_peak_bytes=memory["peak"])
 
@@ -59,10 +59,10 @@ def _fmt(x, spec):
 
 
 def markdown(rows: list[dict], forwards: list[dict]) -> str:
-  lines = ["| task | kind | accuracy | train tokens/s | train step peak MiB | steps | wall min |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| task | kind | accuracy | eval loss | train tokens/s | train step peak MiB | steps | wall min |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    lines.append(f"| {r['task']} | {r['kind']} | {_fmt(r['accuracy'], '.3f')} | "
+    lines.append(f"| {r['task']} | {r['kind']} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['eval_loss'], '.4f')} | "
                  f"{_fmt(r['train_tokens_per_s'], ',.0f')} | {r['train_step_peak_bytes'] / 2**20:,.0f} | "
                  f"{_fmt(r['steps'], '.0f')} | {_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} |")
   seqs = sorted({f["seq"] for f in forwards})

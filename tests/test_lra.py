@@ -207,7 +207,7 @@ def test_lra_report_from_a_sweep(tmp_path):
   # The compiled step's memory is the run's own: twice the batch, more memory.
   assert 0 < by_kind["softmax"]["train_step_peak_bytes"] < by_kind["performer"]["train_step_peak_bytes"]
   md = (out / "lra.md").read_text()
-  assert "| lra_listops | softmax | 0.250 | 200 |" in md and "2.0 / 2" in md and "too big" in md
+  assert "| lra_listops | softmax | 0.250 | 2.0000 | 200 |" in md and "2.0 / 2" in md and "too big" in md
   assert (out / "lra.png").stat().st_size > 0
   p = subprocess.run([sys.executable, "benchmarks/lra_report.py", f"--sweeps={tmp_path / 'none'}", f"--out={out}"],
                      cwd=REPO, capture_output=True, text=True, timeout=600)
