@@ -5,6 +5,7 @@
   python benchmarks/attention.py --docs=4        # packed rows: 4 documents each (segment ids)
   python benchmarks/attention.py --sweep-blocks --impls=pallas --seqs=2048,8192   # tune block sizes
   python benchmarks/attention.py --kinds=softmax,performer,rfa,bigbird,lsh,aft   # one forward per attention kind
+  python benchmarks/attention.py --kinds=softmax,softmax@pallas,bigbird,bigbird@pallas   # beside the flash kernel
 
 FLOPs: forward 4*B*H*S^2*D (halved when causal), backward 2.5x forward (so fwd+bwd = 3.5x). Tokens per
 step are fixed (B = tokens // S) and H = model_dim // D, as in the FlashAttention papers. With --docs=N
@@ -13,7 +14,7 @@ each row packs N equal documents (segment ids) and FLOPs count only the visible 
 Results go to --out (default benchmarks/results/attention_<device>.json; smoke runs default to the
 temp dir, so CPU numbers are never mistaken for GPU ones).
 --kinds times one bidirectional forward of each `ModelConfig.attention_kind` (t_jax/attention/variants.py, its
-default knobs, XLA) at batch 1, 4 heads of 32, float32 (--seqs default 1k..64k), with XLA's temporary memory
+default knobs; XLA, or the implementation after '@', e.g. softmax@pallas for the flash kernel) at batch 1, 4 heads of 32, float32 (--seqs default 1k..64k), with XLA's temporary memory
 from the compiled program's memory analysis; a kind whose temporary memory is above --max-gib is not run.
 """
 
@@ -103,11 +104,12 @@ def run_kind(cfg):
   from t_jax.attention.variants import attention as kind_attention
   b, s, h, d = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"]
   q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in jax.random.split(jax.random.PRNGKey(0), 3))
-  spec = Spec(kind=cfg["kind"])
+  kind, _, impl = cfg["kind"].partition("@")  # e.g. 'bigbird@pallas': the flash kernel's visit table
+  spec = Spec(kind=kind)
   k = q if spec.kind == "lsh" else k  # Reformer's shared QK
   res = dict(cfg)
   try:
-    f = jax.jit(lambda q, k, v: kind_attention(q, k, v, spec=spec, mask=Mask(), implementation="xla")[0])
+    f = jax.jit(lambda q, k, v: kind_attention(q, k, v, spec=spec, mask=Mask(), implementation=impl or "xla")[0])
     compiled = f.lower(q, k, v).compile()
     res.update(temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
     if res["temp_bytes"] > cfg["max_bytes"]:
@@ -119,10 +121,10 @@ def run_kind(cfg):
 
 
 def print_kinds(results):
-  print(f"{'kind':<10}{'seq':>7}{'fwd ms':>10}{'temp MiB':>10}  status")
+  print(f"{'kind':<16}{'seq':>7}{'fwd ms':>10}{'temp MiB':>10}  status")
   for r in results:
     temp = r.get("temp_bytes")
-    print(f"{r['kind']:<10}{r['seq']:>7}{_fmt(r.get('fwd_ms'), '.2f'):>10}"
+    print(f"{r['kind']:<16}{r['seq']:>7}{_fmt(r.get('fwd_ms'), '.2f'):>10}"
           f"{_fmt(None if temp is None else temp / 2**20, '.1f'):>10}  {r['status']} {r.get('error', '')[:60]}")
 
 
@@ -227,7 +229,7 @@ def main():
   p.add_argument("--matmul-n", type=int, default=8192)
   p.add_argument("--no-isolate", action="store_true", help="run all configs in this process")
   p.add_argument("--out", default=None)
-  p.add_argument("--kinds", default="", help="attention kinds to time instead, e.g. softmax,performer,lsh")
+  p.add_argument("--kinds", default="", help="attention kinds to time instead, e.g. softmax,performer,lsh,softmax@pallas")
   p.add_argument("--max-gib", type=float, default=8.0, help="--kinds: skip a kind needing more temporary memory")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -166,7 +166,7 @@ def test_tiny_listops_run_writes_eval_accuracy(tmp_path):
 @pytest.mark.slow
 def test_attention_benchmark_times_every_kind(tmp_path):
   """benchmarks/attention.py --kinds: one forward per attention kind, with its time and XLA temporary memory."""
-  kinds = ["softmax", "performer", "rfa", "bigbird", "lsh", "aft"]
+  kinds = ["softmax", "performer", "rfa", "bigbird", "lsh", "aft", "softmax@pallas", "bigbird@pallas"]
   out = tmp_path / "kinds.json"
   p = subprocess.run([sys.executable, "benchmarks/attention.py", f"--kinds={','.join(kinds)}", "--smoke",
                       "--no-isolate", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
