@@ -2,6 +2,7 @@
 
   python benchmarks/decode.py            # accelerator sizes -> benchmarks/results/decode_<device>.json
   python benchmarks/decode.py --smoke    # tiny sizes, runs on CPU (JSON to the temp dir)
+  python benchmarks/decode.py --workdir=DIR --out=X.json   # a trained run's model: throughput only
 
 Per batch size: greedy decode tokens/s (prefill excluded: time(N tokens) - time(1 token)) and the
 bound B / (bytes read per step / bandwidth), bytes = parameters + the whole KV cache (the masked
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from _results import default_out, write_json  # benchmarks/, the script's directory
 
+from t_jax import workdir as workdir_lib
 from t_jax.inference import api
 from t_jax.models import ModelConfig, build_model, count_params, init_params
 
@@ -140,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_<device>.json; "
                  "smoke runs: the temp dir).")
   p.add_argument("--smoke", action="store_true", help="Tiny sizes that run on CPU.")
+  p.add_argument("--workdir", default=None, help="Time a trained (or converted) workdir's model instead; "
+                 "throughput only, no speculative rows.")
   p.add_argument("--batches", default="1,2,4,8,16,32,64")
   p.add_argument("--spec_batches", default="1,8")
   p.add_argument("--prompt_len", type=int, default=128)
@@ -168,8 +172,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   """Runs everything, prints the table, writes the JSON."""
   args = parse_args(argv)
-  cfg = model_config(args)
-  params = init_params(build_model(cfg), jax.random.key(0))
+  if args.workdir:  # e.g. each variant of ablations/mha_gqa_mqa.gin
+    cfg, params, _ = workdir_lib.load(args.workdir)
+  else:
+    cfg = model_config(args)
+    params = init_params(build_model(cfg), jax.random.key(0))
   dev = jax.devices()[0]
   bandwidth = measure_bandwidth(args.bandwidth_mib << 20, max(args.repeats, 5))
   print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}   params: {count_params(params):,}   "
@@ -181,19 +188,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['bound_tok_s']:>12.1f} {r['fraction_of_bound']:>9.1%}")
   if any(r["fraction_of_bound"] > 1 for r in rows):
     print("note: above the bound = the working set fits in on-chip caches, faster than the copy probe")
-  spec = speculative(cfg, params, args, "random") + speculative(cfg, params, args, "agreeing")
+  spec = [] if args.workdir else speculative(cfg, params, args, "random") + speculative(cfg, params, args, "agreeing")
   for s in spec:
     print(f"speculative ({s['setting']} target) batch {s['batch']}: speed-up {s['speedup']:.2f}x, acceptance "
           f"{s['acceptance_rate']:.1%} (draft: first {s['draft_layers']} of {cfg.num_layers} layers, "
           f"{s['num_draft_tokens']} tokens)")
-  goals = check_goals(rows, spec)
+  goals = {} if args.workdir else check_goals(rows, spec)
   for name, ok in goals.items():
     print(f"goal {name}: {'met' if ok else 'NOT met'}" + (" (CPU: meaningless)" if dev.platform == "cpu" else ""))
   result = dict(
       device=dict(platform=dev.platform, kind=dev.device_kind, count=jax.device_count()),
       versions=dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jax.lib.__version__,
                     flax=flax.__version__, numpy=np.__version__),
-      config=dataclasses.asdict(cfg), settings={k: v for k, v in vars(args).items() if k != "out"},
+      config=dataclasses.asdict(cfg), workdir=args.workdir, settings={k: v for k, v in vars(args).items() if k != "out"},
       bandwidth_bytes_per_s=bandwidth, throughput=rows, speculative=spec, goals=goals, smoke=args.smoke)
   out = args.out or default_out("decode", dev.device_kind, args.smoke)
   write_json(result, out)

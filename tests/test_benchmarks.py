@@ -62,6 +62,21 @@ def test_decode_benchmark_smoke(tmp_path):
   assert set(data["goals"]) == {"batch1_at_least_70pct_of_bound", "speculative_at_least_2x_when_agreeing"}
 
 
+def test_decode_benchmark_times_a_workdir_s_model(tmp_path):
+  """--workdir: the trained run's own config and params (here: a params workdir), throughput rows only."""
+  import jax
+
+  from t_jax.models import ModelConfig, build_model, init_params
+  from t_jax.workdir import write_params_workdir
+  cfg = ModelConfig(vocab_size=96, d_model=32, num_heads=4, num_kv_heads=1, mlp_dim=64, num_layers=2, max_len=64)
+  write_params_workdir(tmp_path / "run", cfg, init_params(build_model(cfg), jax.random.key(0)))
+  data, stdout = run_script("decode", tmp_path, f"--workdir={tmp_path / 'run'}", "--batches=1,2",
+                            "--prompt_len=8", "--new_tokens=8", "--repeats=1", "--bandwidth_mib=8")
+  assert data["config"]["num_kv_heads"] == 1 and data["config"]["vocab_size"] == 96
+  assert [r["batch"] for r in data["throughput"]] == [1, 2] and all(r["decode_tok_s"] > 0 for r in data["throughput"])
+  assert data["speculative"] == [] and data["goals"] == {} and "speculative" not in stdout
+
+
 @pytest.mark.parametrize("preset", ["fsdp"])
 def test_scaling_benchmark_smoke(tmp_path, preset):
   data, _ = run_script("scaling", tmp_path, f"--presets={preset}", "--steps=2")
