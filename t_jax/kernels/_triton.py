@@ -157,12 +157,12 @@ def _q_block_specs(cfg: Config, bq: int, bk: int, sk: int, d: int) -> list:
       pl.BlockSpec((None,), lambda i, b, h: (b,)), sk // bk)
 
 
-def _visits(cfg: Config, q: Array, q_seg: Optional[Array], kv_seg: Optional[Array], prefix: Optional[Array],
-            bq: int, bk: int, by_kv: bool = False) -> Optional[tuple[Array, Array]]:
-  """BigBird's visit table and counts per q block (by_kv: per kv block); None without block_sparse."""
+def _visits(cfg: Config, q: Array, prefix: Optional[Array], seg: Optional[Array], bq: int, bk: int,
+            by_kv: bool = False) -> Optional[tuple[Array, Array]]:
+  """BigBird's visit table and counts per q block (by_kv: per kv block) from the per-q-block segment bounds
+  `seg`; None without block_sparse."""
   if cfg.block_sparse is None:
     return None
-  seg = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk)
   return sparse_visits(cfg, q.shape[0], bq, bk, prefix, seg, by_kv)
 
 
@@ -171,7 +171,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
   """Output [B, Sq, H, D] and log-sum-exp [B, H, Sq] (f32; +inf on fully masked rows)."""
   b, sq, h, d = q.shape
   sk, bq, bk = k.shape[1], cfg.block_q, cfg.block_k
-  in_specs = _q_block_specs(cfg, bq, bk, sk, d)
+  in_specs, seg = _q_block_specs(cfg, bq, bk, sk, d), segment_block_bounds(cfg, q_seg, kv_seg, bq, bk)
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
   return pl.pallas_call(
@@ -180,8 +180,7 @@ def forward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q_
       grid=(sq // bq, b, h), in_specs=in_specs, out_specs=out_specs,
       interpret=cfg.interpret, compiler_params=_compiler_params(cfg, cfg.num_warps),
       name="flash_attention_fwd",
-  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk),
-                          _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk)))
+  )(q, k, v, *_extra_args(cfg, bias, q_seg, kv_seg, prefix, seg, _visits(cfg, q, prefix, seg, bq, bk)))
 
 
 # ---------------------------------------------------------------------------------------- backward
@@ -285,8 +284,9 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   in_specs += [pl.BlockSpec((None, sq, g, d), lambda j, b, hk: (b, 0, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0)),
                pl.BlockSpec((None, g, sq), lambda j, b, hk: (b, hk, 0))]
+  seg = segment_block_bounds(cfg, q_seg, kv_seg, bq, bk)  # per q block: the dq kernel's, and the visit tables'
   extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk, by_kv=True),
-                      _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk, by_kv=True))
+                      _visits(cfg, q, prefix, seg, bq, bk, by_kv=True))
   kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b, hk: (b, j, hk, 0))
   dk, dv = pl.pallas_call(
       lambda *refs: _dkdv_kernel(cfg, *refs),
@@ -296,8 +296,7 @@ def backward(cfg: Config, q: Array, k: Array, v: Array, bias: Optional[Array], q
   )(q, k, v, *extra, do, lse, delta)
 
   # dq (and the logits gradient for dbias): one program per (q block, batch, head).
-  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, segment_block_bounds(cfg, q_seg, kv_seg, bq, bk),
-                      _visits(cfg, q, q_seg, kv_seg, prefix, bq, bk))
+  extra = _extra_args(cfg, bias, q_seg, kv_seg, prefix, seg, _visits(cfg, q, prefix, seg, bq, bk))
   in_specs = _q_block_specs(cfg, bq, bk, sk, d)
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
   in_specs += [pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, i, h, 0)), row, row]
