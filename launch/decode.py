@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import gzip
 import io
 import logging
 import os
@@ -91,9 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = Parser(prog="python -m launch.decode", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="Run directory to load (t_jax.load).")
   p.add_argument("--prompt", action="append", default=[], help="A prompt (repeatable).")
-  p.add_argument("--input_file", help="Prompts (or translation sources), one per line.")
+  p.add_argument("--input_file", help="Prompts (or translation sources), one per line (.gz: gzip).")
   p.add_argument("--output_file", help="Write the outputs here, one per line, instead of to stdout.")
-  p.add_argument("--reference_file", help="References, one per line: prints sacreBLEU's BLEU and chrF.")
+  p.add_argument("--reference_file", help="References, one per line (.gz: gzip): prints sacreBLEU's BLEU and chrF.")
   p.add_argument("--method", default="greedy", choices=METHODS)
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=None)
@@ -165,8 +166,8 @@ def decode_texts(cfg: Any, params: Any, tokenizer: Any, texts: list[str], args: 
 
 
 def read_lines(path: str) -> list[str]:
-  """Lines of a text file without their line ends."""
-  with open(path, encoding="utf-8") as f:
+  """Lines of a text file (plain, or gzip when the name ends in .gz) without their line ends."""
+  with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
     return [line.rstrip("\r\n") for line in f]
 
 

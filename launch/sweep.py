@@ -21,7 +21,6 @@ import ast
 import concurrent.futures
 import csv
 import dataclasses
-import gzip
 import itertools
 import json
 import os
@@ -38,7 +37,7 @@ from typing import Any, Optional
 import gin
 
 from launch import config, error_line
-from launch.decode import Parser, UsageError
+from launch.decode import Parser, UsageError, read_lines
 
 NAME = re.compile(r"^[\w.+=,-]+$")  # variant names are folder names: no '/', no spaces
 COLUMNS = ("name", "bindings", "params", "steps", "wall_s", "train_loss", "eval_loss", "eval_perplexity")
@@ -246,8 +245,7 @@ def test_split(sweep: Sweep, workdir: str) -> Optional[tuple[Path, Path]]:
     return None
   out = (Path(workdir, "test.src"), Path(workdir, "test.ref"))
   for src, dst in zip(files, out):
-    with (gzip.open if src.endswith(".gz") else open)(src, "rt", encoding="utf-8") as f:
-      lines = f.read().splitlines()[:sweep.test_lines]
+    lines = read_lines(src)[:sweep.test_lines]
     if not dst.is_file() or dst.read_text(encoding="utf-8") != "\n".join(lines) + "\n":
       tmp = dst.with_name(f"{dst.name}.{os.getpid()}")  # --slurm tasks may write it at the same time
       tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

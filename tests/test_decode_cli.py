@@ -162,3 +162,14 @@ def test_cli_process_prompt_cache(workdir, tmp_path):
   assert res.returncode == 2 and res.stdout == ""
   assert len(res.stderr.splitlines()) == 1 and "damaged or not a save_prompt_cache directory" in res.stderr, \
       res.stderr[-3000:]
+
+
+def test_input_and_reference_files_may_be_gzip(tmp_path):
+  """Multi30k ships its test split as .gz: read_lines reads it like the plain file, keeping blank lines."""
+  import gzip
+  text = "Ein Mann.\n\nZwei Hunde spielen im Schnee.\r\n"
+  (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+  with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+    f.write(text)
+  assert decode.read_lines(str(tmp_path / "a.txt.gz")) == decode.read_lines(str(tmp_path / "a.txt"))
+  assert decode.read_lines(str(tmp_path / "a.txt.gz")) == ["Ein Mann.", "", "Zwei Hunde spielen im Schnee."]
