@@ -1,4 +1,4 @@
-"""notebooks/*.ipynb run top to bottom against the current code, in their small mode."""
+"""notebooks/*.ipynb run top to bottom against the current code, in their small mode (in the fast tier: CI runs them)."""
 
 import json
 import os
@@ -33,7 +33,6 @@ def run_notebook(monkeypatch, name: str, fresh: str = "") -> dict:
   return ns
 
 
-@pytest.mark.slow
 def test_quickstart_notebook_runs(monkeypatch):
   """01_quickstart: every code cell runs in order, unchanged; small mode makes its training cell the tiny run."""
   ns = run_notebook(monkeypatch, "01_quickstart", fresh="quickstart_tiny")
@@ -43,7 +42,6 @@ def test_quickstart_notebook_runs(monkeypatch):
   assert isinstance(ns["q"], jax.Array)
 
 
-@pytest.mark.slow
 def test_anatomy_notebook_runs(monkeypatch):
   """02_anatomy: the masks it draws, per-head attention maps that are the trained model's own, and samples."""
   ns = run_notebook(monkeypatch, "02_anatomy", fresh="anatomy_tiny")
@@ -63,7 +61,6 @@ def test_anatomy_notebook_runs(monkeypatch):
                                          for s in ns["samples"].values())
 
 
-@pytest.mark.slow
 def test_kernels_notebook_runs(monkeypatch, capsys):
   """03_kernels: the Pallas kernel matches the XLA reference under every mask, its compiled memory grows linearly
   where the reference's grows quadratically, and a timing row per length; on CPU it says it ran interpreted."""
@@ -80,7 +77,6 @@ def test_kernels_notebook_runs(monkeypatch, capsys):
   assert [t[0] for t in ns["timings"]] == lengths and all(ms > 0 for t in ns["timings"] for ms in t[1:])
 
 
-@pytest.mark.slow
 def test_ablations_notebook_runs(monkeypatch):
   """04_ablations: a real two-variant sweep (4 vs 1 key-value heads) whose results table the notebook reads."""
   ns = run_notebook(monkeypatch, "04_ablations", fresh="sweep_kv_heads_tiny")
@@ -92,7 +88,6 @@ def test_ablations_notebook_runs(monkeypatch):
   assert (Path(ns["SWEEP_DIR"]) / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_translate_notebook_runs(monkeypatch, shared_dir):
   """05_translate: trains the tiny Multi30k run, translates the typed sentences with beam search and draws the
   cross-attention of the first translation (rows: distributions over the source)."""
