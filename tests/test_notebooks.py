@@ -1,4 +1,5 @@
-"""notebooks/*.ipynb run top to bottom against the current code, in their small mode (in the fast tier: CI runs them)."""
+"""notebooks/*.ipynb run top to bottom against the current code, in their small mode. 03_kernels and 04_ablations
+run in the fast tier (CI); 01, 02 and 05 (35-55 s each) in the slow tier, which CI's 15 minutes cannot hold yet."""
 
 import json
 import os
@@ -33,6 +34,7 @@ def run_notebook(monkeypatch, name: str, fresh: str = "") -> dict:
   return ns
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(monkeypatch):
   """01_quickstart: every code cell runs in order, unchanged; small mode makes its training cell the tiny run."""
   ns = run_notebook(monkeypatch, "01_quickstart", fresh="quickstart_tiny")
@@ -42,6 +44,7 @@ def test_quickstart_notebook_runs(monkeypatch):
   assert isinstance(ns["q"], jax.Array)
 
 
+@pytest.mark.slow
 def test_anatomy_notebook_runs(monkeypatch):
   """02_anatomy: the masks it draws, per-head attention maps that are the trained model's own, and samples."""
   ns = run_notebook(monkeypatch, "02_anatomy", fresh="anatomy_tiny")
@@ -88,6 +91,7 @@ def test_ablations_notebook_runs(monkeypatch):
   assert (Path(ns["SWEEP_DIR"]) / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_translate_notebook_runs(monkeypatch, shared_dir):
   """05_translate: trains the tiny Multi30k run, translates the typed sentences with beam search and draws the
   cross-attention of the first translation (rows: distributions over the source)."""
