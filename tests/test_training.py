@@ -439,6 +439,24 @@ def test_load_round_trip_and_init_from(tmp_path):
            *tiny_lr)
 
 
+def test_metric_writer_writes_tensorboard_events_without_importing_torch(tmp_path):
+  """A fresh process writes a real TensorBoard scalar; tensorboardX's optional torch import (seconds) is skipped."""
+  import struct
+
+  from tensorboardX.proto.event_pb2 import Event
+  code = ("import sys; from t_jax.training.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); "
+          "w.write(3, {'loss': 2.5}); w.close(); print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-1] == "False"
+  data, i, scalars = next(tmp_path.glob("events.out.tfevents.*")).read_bytes(), 0, []
+  while i < len(data):  # TFRecord framing: length (8 bytes), its CRC (4), the Event, its CRC (4)
+    n = struct.unpack("<Q", data[i:i + 8])[0]
+    event = Event.FromString(data[i + 12:i + 12 + n])
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    i += 16 + n
+  assert scalars == [(3, "loss", 2.5)]
+
+
 def test_metric_writer_drops_rows_past_the_restored_step(tmp_path, monkeypatch):
   from t_jax.training.metrics import MetricWriter
   monkeypatch.setattr("tensorboardX.SummaryWriter", lambda *a, **k: type("TB", (), {

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 from tqdm import tqdm
+
+
+def _summary_writer(workdir: str):
+  """tensorboardX's SummaryWriter, imported without torch: it imports torch (1.5-4 s) only to accept its
+  tensors, which t_jax never passes."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX tolerates
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(workdir)
 
 
 class MetricWriter:
@@ -20,9 +35,7 @@ class MetricWriter:
       path = os.path.join(workdir, "metrics.jsonl")
       _truncate_after(path, start_step)
       self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
-      from tensorboardX import SummaryWriter  # imported here: it pulls in torch when installed
-
-      self._tb = SummaryWriter(workdir)
+      self._tb = _summary_writer(workdir)
 
   def write(self, step: int, metrics: dict) -> None:
     """One row {'step': step, **metrics}; values become Python floats."""
