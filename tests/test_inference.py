@@ -275,6 +275,25 @@ def test_sampling_never_emits_excluded_tokens(method, opts):
   assert len(seen) > 3 * steps  # genuinely sampled, not one deterministic path
 
 
+def test_temperature_top_p_and_length_penalty_are_traced_not_recompiled():
+  """Changing temperature / top_p / length_penalty reuses the compiled program, and the new value is used."""
+  from t_jax.inference import api
+
+  cfg = tiny()
+  params = params_for(cfg)
+  prompts = [[5, 6, 7, 8], [20, 21, 22, 23], [30, 2, 9, 40]] * 20
+  generate(cfg, params, prompts, 3, "sample", seed=3, temperature=0.5, top_p=0.99)
+  generate(cfg, params, prompts, 3, "beam", num_beams=2, length_penalty=0.6)
+  before = api._decode._cache_size()
+  out = generate(cfg, params, prompts, 3, "sample", seed=3, temperature=2.0, top_p=0.3)
+  generate(cfg, params, prompts, 3, "beam", num_beams=2, length_penalty=1.5)
+  assert api._decode._cache_size() == before
+  logits = full_logits(cfg, params, prompts, out) / 2.0
+  for t in range(3):  # the nucleus of the second call, not of the first (0.99 would allow far more)
+    allowed = allowed_sets(logits[:, t], None, 0.3)
+    assert all(int(out[i, t]) in allowed[i] for i in range(len(prompts))), t
+
+
 @pytest.mark.parametrize("arch,eos,alpha", [("decoder", 7, 0.0), ("encoder_decoder", None, 0.6),
                                             ("prefix_lm", None, 1.0)])
 def test_beam_width_one_is_greedy(arch, eos, alpha):

@@ -28,9 +28,12 @@ METHODS = ("greedy", "sample", "beam", "speculative")
 CACHES = ("contiguous", "paged")
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["sampler", "length_penalty"], meta_fields=[
+    "method", "target", "draft", "max_new_tokens", "num_beams", "num_draft", "eos_id", "pad_id", "penalty"])
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Everything static about a request (the jit cache key)."""
+  """A validated request. A pytree: its meta fields are the jit cache key, while the sampler's temperature
+  and top_p and the length penalty are traced, so changing them does not recompile."""
 
   method: str
   target: Runner
@@ -45,7 +48,7 @@ class Plan:
   penalty: Penalty = NO_PENALTY
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
+@jax.jit
 def _decode(plan: Plan, params: PyTree, draft_params: PyTree, ids: jax.Array, lengths: jax.Array,
             rng: jax.Array, pages: Optional[dict] = None) -> tuple[jax.Array, jax.Array, dict]:
   """The whole generation (prefill + loop) as one XLA program; `pages` (from _paged) for a paged cache."""

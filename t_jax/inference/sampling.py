@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -11,22 +12,28 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p"],
+                   meta_fields=["top_k", "greedy"])
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """How the next token is chosen: greedy (temperature 0) or sampled from the processed distribution."""
+  """How the next token is chosen: greedy (temperature 0) or sampled from the processed distribution.
 
-  temperature: float = 0.0  # 0 = greedy (argmax of the raw logits)
+  A pytree: temperature and top_p are traced under jit (changing them does not recompile), while
+  top_k, greedy and whether top_p is set (None) are static.
+  """
+
+  temperature: float | Array = 0.0  # 0 = greedy (argmax of the raw logits)
   top_k: Optional[int] = None
-  top_p: Optional[float] = None
+  top_p: Optional[float | Array] = None
+  greedy: Optional[bool] = None  # derived from temperature when not given
 
-  @property
-  def greedy(self) -> bool:
-    """Whether the choice is deterministic."""
-    return self.temperature == 0.0
+  def __post_init__(self) -> None:
+    if self.greedy is None:
+      object.__setattr__(self, "greedy", bool(self.temperature == 0.0))
 
   def logits(self, logits: Array) -> Array:
     """Processed float32 logits; excluded tokens get -inf."""
-    return process_logits(logits, self.temperature or 1.0, self.top_k, self.top_p)
+    return process_logits(logits, 1.0 if self.greedy else self.temperature, self.top_k, self.top_p)
 
   def probs(self, logits: Array) -> Array:
     """The distribution tokens are drawn from."""
