@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
       device=dict(platform=dev.platform, kind=dev.device_kind, count=jax.device_count()),
       versions=dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jax.lib.__version__,
                     flax=flax.__version__, numpy=np.__version__),
-      config=dataclasses.asdict(cfg), workdir=args.workdir, settings={k: v for k, v in vars(args).items() if k != "out"},
+      config=dataclasses.asdict(cfg), workdir=args.workdir,
+      settings={k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
       bandwidth_bytes_per_s=bandwidth, throughput=rows, speculative=spec, goals=goals, smoke=args.smoke)
   out = args.out or default_out("decode", dev.device_kind, args.smoke)
   write_json(result, out)
