@@ -153,3 +153,23 @@ def test_auto_is_xla_until_the_device_kind_is_verified(backend, monkeypatch):
   monkeypatch.setitem(api.VERIFIED_PALLAS, jax.devices()[0].device_kind, "benchmarks/results/<run>.json")
   assert api._auto(q, q, Mask(causal=True), None) == "pallas"
   assert api._auto(q, q, Mask(causal=True, kv_positions=jnp.arange(16)[None]), None) == "xla"  # not covered
+
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_run.py runs it)")
+@pytest.mark.parametrize("mask", [Mask(), Mask(causal=True), Mask(causal=True, window=100)],
+                         ids=["none", "causal", "causal_window"])
+def test_cudnn_matches_the_float64_reference_on_a_gpu(mask):
+  """implementation='cudnn' in bf16: output and gradients against the float64 oracle on the same inputs."""
+  b, s, h, d = 2, 512, 4, 128
+  rng = np.random.default_rng(0)
+  q, k, v, g = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16) for _ in range(4))
+  attend = lambda q, k, v: t_jax.attention(q, k, v, mask=mask, implementation="cudnn")
+  out, vjp = jax.vjp(attend, q, k, v)
+  m = np_mask(b, s, s, causal=mask.causal, window=mask.window)
+  want, (dq, dk, dv, _) = np_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), m, None, d ** -0.5,
+                                       np.asarray(g, np.float64))
+  rel = lambda a, r: np.linalg.norm(np.asarray(a, np.float64) - r) / np.linalg.norm(r)
+  assert rel(out, want) < 1e-2
+  for got, ref in zip(vjp(g), (dq, dk, dv)):
+    assert rel(got, ref) < 2e-2

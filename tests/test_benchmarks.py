@@ -115,3 +115,42 @@ def test_matmuls_benchmark_covers_the_step(tmp_path):
   assert sum(m["flops"] * m["count"] for m in data["matmuls"]) == n * (6 * matmul_params + 12 * L * t * d)
   assert len(data["matmuls"]) == 18 and all(m["gflops_per_s"]["xla"] > 0 for m in data["matmuls"])
   assert data["step_matmul_seconds"]["xla"] > 0 and "matmul time of one step" in stdout
+
+
+def run_gpu_script(tmp_path, *flags):
+  out = tmp_path / "gpu_run"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_run.py"), f"--out={out}", *flags],
+                        capture_output=True, text=True, cwd=REPO, timeout=900)
+  summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+  return proc, summary, out
+
+
+def test_gpu_run_keeps_to_its_budget(tmp_path):
+  """A stage past its time is stopped and recorded (its log kept), stages that no longer fit are skipped,
+  and a mistyped stage name is one error line."""
+  proc, summary, out = run_gpu_script(tmp_path, "--smoke", "--budget=25", "--caps=probe=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  status = {s["name"]: s["status"] for s in summary["stages"]}
+  assert status["probe"] == "timed out" and (out / "probe.log").exists()
+  assert set(status.values()) == {"timed out", "skipped (budget)"} and len(status) >= 6
+  assert summary["elapsed_s"] < 25
+  bad, _, _ = run_gpu_script(tmp_path, "--only=probe,atention")
+  assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "atention" in bad.stderr
+
+
+def test_gpu_run_smoke(tmp_path):
+  """The whole device session at CPU sizes: every stage runs, writes its JSON, and the tar holds it all."""
+  import tarfile
+
+  tar = tmp_path / "gpu_run.tgz"
+  proc, summary, out = run_gpu_script(tmp_path, "--smoke", "--budget=800", f"--tar={tar}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
+  probe = json.loads((out / "probe.json").read_text())
+  assert probe["matmul"]["tflops"] > 0 and probe["copy"]["tb_per_s"] > 0 and probe["versions"]["jax"]
+  for name in ("attention", "block_sweep", "decode", "train_step"):
+    assert json.loads((out / f"{name}.json").read_text())["smoke"] is True
+  assert json.loads((out / "block_sweep.json").read_text())["best_blocks"]
+  with tarfile.open(tar) as t:
+    assert "gpu_run/summary.json" in t.getnames() and "gpu_run/kernel_tests.xml" in t.getnames()
+  assert "device cpu" in proc.stdout
