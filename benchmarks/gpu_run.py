@@ -163,8 +163,7 @@ def main() -> int:
     cap = float(caps.get(name, cap))
     left = args.budget - (time.monotonic() - start) - RESERVE_S
     timeout = min(cap, left)
-    row = dict(name=name, cap_s=cap, argv=argv[:1] + ["<probe>"] + argv[3:] if argv[1] == "-c" else argv,
-               log=f"{name}.log")
+    row = dict(name=name, cap_s=cap, argv=[a if a != PROBE else "<PROBE>" for a in argv], log=f"{name}.log")
     if timeout < min(15.0, cap):
       row.update(status="skipped (budget)", seconds=0.0)
     else:
