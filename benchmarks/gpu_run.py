@@ -146,7 +146,11 @@ def main() -> int:
   plan = stages(os.path.abspath(args.out), args.smoke)
   names = [n for n, _, _ in plan]
   only = names if args.only is None else args.only.split(",")
-  caps = dict(kv.split("=") for kv in args.caps.split(",") if kv)
+  try:
+    caps = {k: float(v) for k, v in (kv.split("=") for kv in args.caps.split(",") if kv)}
+  except ValueError:
+    print(f"error: --caps must look like name=seconds,name=seconds, got {args.caps!r}", file=sys.stderr)
+    return 2
   unknown = sorted((set(only) | set(caps)) - set(names))
   if unknown:
     print(f"error: unknown stage(s) {unknown}; stages: {names}", file=sys.stderr)
@@ -160,7 +164,7 @@ def main() -> int:
   for name, cap, argv in plan:
     if name not in only:
       continue
-    cap = float(caps.get(name, cap))
+    cap = caps.get(name, float(cap))
     left = args.budget - (time.monotonic() - start) - RESERVE_S
     timeout = min(cap, left)
     row = dict(name=name, cap_s=cap, argv=[a if a != PROBE else "<PROBE>" for a in argv], log=f"{name}.log")

@@ -134,8 +134,10 @@ def test_gpu_run_keeps_to_its_budget(tmp_path):
   assert status["probe"] == "timed out" and (out / "probe.log").exists()
   assert set(status.values()) == {"timed out", "skipped (budget)"} and len(status) >= 6
   assert summary["elapsed_s"] < 25
-  bad, _, _ = run_gpu_script(tmp_path, "--only=probe,atention")
-  assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "atention" in bad.stderr
+  for flag, named in (("--only=probe,atention", "atention"), ("--caps=probe:5", "probe:5")):
+    bad, _, _ = run_gpu_script(tmp_path, flag)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and named in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_gpu_run_smoke(tmp_path):
