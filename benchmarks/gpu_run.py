@@ -31,33 +31,23 @@ PY = sys.executable
 RESERVE_S = 10  # kept back for the summary and the tar
 
 PROBE = """
-import json, subprocess, sys, time
-import jax, jax.numpy as jnp, numpy as np
+import json, subprocess, sys
+import flax, jax, optax
+sys.path.insert(0, "benchmarks")
+from attention import matmul_tflops  # bf16, normal inputs
+from decode import measure_bandwidth
 n, mib, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dev = jax.devices()[0]
-def best(f, *a, reps=10):
-  jax.block_until_ready(f(*a))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
-dtype = jnp.float32 if dev.platform == "cpu" else jnp.bfloat16
-a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in (0, 1))
-matmul_s = best(jax.jit(jnp.matmul), a, b)
-x = jax.random.normal(jax.random.key(2), (mib * 2**20 // 4,), jnp.float32)
-copy_s = best(jax.jit(lambda y: y * 1.0001), x)
 try:
   smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem",
                         "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
 except (OSError, subprocess.SubprocessError) as e:
   smi = f"unavailable: {e}"
-import flax, optax
 r = dict(platform=dev.platform, kind=dev.device_kind, count=jax.device_count(), nvidia_smi=smi,
          versions=dict(python=sys.version.split()[0], jax=jax.__version__, flax=flax.__version__,
                        optax=optax.__version__),
-         matmul=dict(n=n, dtype=str(jnp.dtype(dtype)), inputs="normal", median_s=matmul_s,
-                     tflops=2 * n**3 / matmul_s / 1e12),
-         copy=dict(mib=mib, median_s=copy_s, tb_per_s=2 * x.nbytes / copy_s / 1e12))
+         matmul=dict(n=n, dtype="bfloat16", inputs="normal", tflops=matmul_tflops(n, 3, 10)),
+         copy=dict(mib=mib, tb_per_s=measure_bandwidth(mib * 2**20, 10) / 1e12))
 json.dump(r, open(out, "w"), indent=1)
 print(json.dumps(r, indent=1))
 """

@@ -155,7 +155,6 @@ def test_auto_is_xla_until_the_device_kind_is_verified(backend, monkeypatch):
   assert api._auto(q, q, Mask(causal=True, kv_positions=jnp.arange(16)[None]), None) == "xla"  # not covered
 
 
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_run.py runs it)")
 @pytest.mark.parametrize("mask", [Mask(), Mask(causal=True), Mask(causal=True, window=100)],
                          ids=["none", "causal", "causal_window"])
