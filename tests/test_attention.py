@@ -52,6 +52,15 @@ def test_xla_matches_float64_reference(case, heads, kv_heads):
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kv_heads,rank", [(4, 4), (2, 5)])
+def test_xla_attention_adds_a_group_axis_only_for_gqa(kv_heads, rank):
+  # A size-1 group axis in the einsums made XLA:CPU's attention forward+backward 2x slower (NOTES.md).
+  q, kv = jnp.ones((2, 8, 4, 16)), jnp.ones((2, 8, kv_heads, 16))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda q: t_jax.attention(q, kv, kv, causal=True).sum()))(q)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) >= 3 and {e.outvars[0].aval.ndim for e in dots} == {rank}
+
+
 def test_fully_masked_rows_are_zero_not_nan():
   q = jnp.ones((1, 4, 2, 8))
   seg_q = jnp.array([[1, 1, 2, 2]])
