@@ -36,8 +36,8 @@ from t_jax.models import ModelConfig, build_model, count_params, init_params
 
 
 def measure_bandwidth(nbytes: int, repeats: int) -> float:
-  """Bytes/s of an on-device elementwise copy (reads and writes nbytes each)."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
+  """Bytes/s of an on-device elementwise copy (reads and writes nbytes each) of normal-distributed data."""
+  x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
   f = jax.jit(lambda a: a * 1.0001)
   f(x).block_until_ready()
   t = time.perf_counter()
