@@ -18,7 +18,7 @@ def xla_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, 
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
-  # Without GQA the group axis is left out: a size-1 axis makes XLA:CPU's attention step 2x slower.
+  # Without GQA the group axis is left out: a size-1 axis makes XLA:CPU's forward+backward 2x slower.
   gx = "g" if g > 1 else ""
   mask = None if mask is None else mask.dense(b, sq, k.shape[1])
   qg = q.reshape(b, sq, hkv, g, d) if g > 1 else q
