@@ -99,9 +99,9 @@ def run_one(cfg):
 
 def run_kind(cfg):
   """One forward of an attention kind: ms and XLA's temporary bytes (status 'too big' above max_bytes: not run)."""
+  from t_jax.attention import attention
   from t_jax.attention.masks import Mask
   from t_jax.attention.variants import Spec
-  from t_jax.attention.variants import attention as kind_attention
   b, s, h, d = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"]
   q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in jax.random.split(jax.random.PRNGKey(0), 3))
   kind, _, impl = cfg["kind"].partition("@")  # e.g. 'bigbird@pallas': the flash kernel's visit table
@@ -109,7 +109,7 @@ def run_kind(cfg):
   k = q if spec.kind == "lsh" else k  # Reformer's shared QK
   res = dict(cfg)
   try:
-    f = jax.jit(lambda q, k, v: kind_attention(q, k, v, spec=spec, mask=Mask(), implementation=impl or "xla")[0])
+    f = jax.jit(lambda q, k, v: attention(q, k, v, kind=spec, mask=Mask(), implementation=impl or "xla"))
     compiled = f.lower(q, k, v).compile()
     res.update(temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
     if res["temp_bytes"] > cfg["max_bytes"]:

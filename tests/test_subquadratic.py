@@ -199,9 +199,32 @@ def test_bigbird_runs_in_the_pallas_kernel_and_auto_stays_on_xla(monkeypatch):
   calls, real = [], kernels.flash_attention
   monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
   spec = variants.Spec(kind="bigbird", sparse_block=4, window_blocks=3, global_blocks=1, random_blocks=1)
-  out, _ = variants.attention(q, k, v, spec=spec, mask=Mask(causal=True), implementation="pallas")
+  out = attention(q, k, v, kind=spec, mask=Mask(causal=True), implementation="pallas")
   assert len(calls) == 1 and calls[0]["mask"].block_sparse == mask.block_sparse
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_every_kind_goes_through_the_one_entry_point_which_validates_its_mask():
+  from t_jax.attention import attention, variants
+  q, k, v = _normal(0, 2, 8, 4, 8), _normal(1, 2, 8, 2, 8), _normal(2, 2, 8, 2, 8)
+  mask, scale = Mask(causal=True), 8 ** -0.5
+  w = variants.Spec(kind="performer").draws(8)
+  own = {"performer": linear_attention(q, k, v, mask=mask, kind="performer", w=w, scale=scale)[0],
+         "lsh": lsh_attention(q, q, v, mask=mask, scale=scale, rotations=variants.Spec(kind="lsh").draws(8)),
+         "aft": aft_attention(q, k, v, mask=mask),
+         "softmax": xla_attention(q, k, v, mask=mask, scale=scale)}
+  for kind, ref in own.items():
+    keys = q if kind == "lsh" else k
+    np.testing.assert_allclose(attention(q, keys, v, kind=kind, causal=True), ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="q_segment_ids and kv_segment_ids"):  # checked for every kind
+      attention(q, keys, v, kind=kind, causal=True, q_segment_ids=jnp.ones((2, 8), jnp.int32))
+  out, state = attention(q[:, :1], k[:, :1], v[:, :1], kind="performer", causal=True,  # decoding: (out, state)
+                         q_positions=jnp.zeros((2, 1), jnp.int32), kv_positions=jnp.zeros((2, 1), jnp.int32),
+                         state=(jnp.zeros((2, 4, 64, 8)), jnp.zeros((2, 4, 64))))
+  np.testing.assert_allclose(out, own["performer"][:, :1], rtol=1e-5)
+  assert [x.shape for x in state] == [(2, 4, 64, 8), (2, 4, 64)]
+  with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
+    attention(q, k, v, kind="flash")
 
 
 # LSH ------------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""`t_jax.attention`: the one attention function every layer calls."""
+"""`t_jax.attention`: the one attention function every layer calls, for every attention kind."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
+from t_jax.attention import bigbird
 from t_jax.attention.masks import Mask, check_shapes
+from t_jax.attention.variants import KINDS, Spec, other_kind
 from t_jax.attention.xla import xla_attention
 
 Array = jnp.ndarray
@@ -23,7 +25,8 @@ VERIFIED_PALLAS: dict[str, str] = {}
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias: Optional[Array] = None,
               scale: Optional[float] = None, implementation: str = "auto", dropout_rate: float = 0.0,
               dropout_rng: Optional[Array] = None, kernel_options: Optional[dict] = None,
-              **mask_fields: object) -> Array:
+              kind: Union[str, Spec] = "softmax", rng: Optional[Array] = None, aft_bias: Optional[Array] = None,
+              state: Optional[tuple[Array, Array]] = None, **mask_fields: object) -> Array:
   """Scaled dot-product attention over [batch, seq, heads, head_dim] tensors.
 
   k/v may have fewer heads than q (GQA/MQA). `mask` is a `Mask`; or pass its fields as keywords
@@ -32,14 +35,29 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias
   return zeros. Dropout on the attention probabilities (`dropout_rate` > 0 with a `dropout_rng`) runs
   on the XLA path. `kernel_options` (block_q, block_k, block_q_bwd, block_k_bwd, num_warps, num_stages)
   tune the Pallas kernels and are ignored by the other implementations.
+
+  `kind` (a name or a `variants.Spec` with its knobs) picks the attention kind (see variants.py); `rng`
+  redraws its random features or hash rotations, `aft_bias` is AFT's learned bias. With `state` (performer /
+  rfa decoding) the result is (out, new state).
   """
+  spec = Spec(kind=kind) if isinstance(kind, str) else kind
+  if spec.kind not in KINDS:
+    raise ValueError(f"unknown attention kind {spec.kind!r}; choose from {KINDS}")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
   if mask is not None and mask_fields:
     raise ValueError(f"give mask=Mask(...) or mask keywords, not both; got {sorted(mask_fields)}")
-  check_shapes(q, k, v)
-  mask = (Mask(**mask_fields) if mask is None else mask).validate(q.shape, k.shape)
+  if spec.kind != "lsh":  # lsh's shared-QK keys have the queries' heads, v the kv heads
+    check_shapes(q, k, v)
+  mask = Mask(**mask_fields) if mask is None else mask
+  mask = (mask.replace(block_sparse=spec.block_sparse) if spec.kind == "bigbird" else mask).validate(q.shape, k.shape)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if spec.kind not in ("softmax", "bigbird"):
+    out, new_state = other_kind(q, k, v, spec, mask, bias, scale, rng, aft_bias, state)
+    return out if state is None else (out, new_state)
+  if (spec.kind == "bigbird" and bias is None and not dropout_rate and implementation in ("auto", "xla")
+      and bigbird.supported(q, k, mask)):  # gathered key blocks; the dense XLA form is the oracle
+    return bigbird.bigbird_attention(q, k, v, mask=mask, scale=scale)
   if dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("attention dropout needs a dropout_rng")

@@ -1,6 +1,6 @@
-"""The sibling entry point for attention kinds beyond softmax (`ModelConfig.attention_kind`).
+"""The attention kinds (`ModelConfig.attention_kind`, `t_jax.attention(..., kind=)`) and their knobs.
 
-  softmax    `t_jax.attention` as it is
+  softmax    scaled dot-product attention (XLA, Pallas or cuDNN)
   bigbird    a `BlockSparse` rule in the Mask: gathered key blocks (bigbird.py), the Pallas flash kernel's visit
              table (implementation='pallas'), or densely by `t_jax.attention` (with a bias, dropout or explicit
              positions; the dense XLA form is the oracle)
@@ -15,12 +15,10 @@ step when the config asks to redraw). performer/rfa carry a recurrent decoding s
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
 
-from t_jax.attention import bigbird
 from t_jax.attention.aft import aft_attention
 from t_jax.attention.linear import draw_features, linear_attention
 from t_jax.attention.lsh import draw_rotations, lsh_attention
@@ -79,28 +77,12 @@ class Spec:
     return None
 
 
-def attention(q: Array, k: Array, v: Array, *, spec: Spec, mask: Mask, bias: Optional[Array] = None,
-              scale: Optional[float] = None, rng: Optional[Array] = None, aft_bias: Optional[Array] = None,
-              state: Optional[tuple[Array, Array]] = None, **softmax_kw: Any
-              ) -> tuple[Array, Optional[tuple[Array, Array]]]:
-  """Attention of the given kind: (out [batch, q, heads, head_dim], recurrent state or None).
-
-  softmax_kw (implementation, kernel_options, dropout_rate, dropout_rng) go to `t_jax.attention` for the
-  softmax and bigbird kinds. `state` continues a causal performer/rfa sequence (decoding).
-  """
-  from t_jax.attention.api import attention as softmax_attention
-  if spec.kind not in KINDS:
-    raise ValueError(f"unknown attention kind {spec.kind!r}; choose from {KINDS}")
-  if spec.kind in ("softmax", "bigbird"):
-    mask = mask.replace(block_sparse=spec.block_sparse)
-    if (spec.kind == "bigbird" and bias is None and not softmax_kw.get("dropout_rate")
-        and softmax_kw.get("implementation", "auto") in ("auto", "xla") and bigbird.supported(q, k, mask)):
-      scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-      return bigbird.bigbird_attention(q, k, v, mask=mask.validate(q.shape, k.shape), scale=scale), None
-    return softmax_attention(q, k, v, mask=mask, bias=bias, scale=scale, **softmax_kw), None
+def other_kind(q: Array, k: Array, v: Array, spec: Spec, mask: Mask, bias: Optional[Array], scale: float,
+               rng: Optional[Array], aft_bias: Optional[Array], state: Optional[tuple[Array, Array]]
+               ) -> tuple[Array, Optional[tuple[Array, Array]]]:
+  """performer / rfa / lsh / aft for `t_jax.attention` (mask validated there): (out, recurrent state or None)."""
   if bias is not None or mask.window is not None:
     raise ValueError(f"attention kind {spec.kind!r} takes no additive bias and no sliding window")
-  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   if spec.kind in LINEAR:
     return linear_attention(q, k, v, mask=mask, kind=spec.kind, w=spec.draws(q.shape[-1], rng), scale=scale,
                             chunk=spec.chunk, state=state)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from t_jax.attention import Mask, variants
+from t_jax.attention import Mask, attention, variants
 from t_jax.models import kv_cache
 from t_jax.models import positions as pos_lib
 from t_jax.models.config import ModelConfig
@@ -91,14 +91,14 @@ class Attention(nn.Module):
     aft_bias = self.param("aft_bias", nn.with_logical_partitioning(nn.initializers.zeros, (
         "heads", "relpos_buckets")), (cfg.num_heads, 2 * cfg.attention_aft_window - 1), cfg.param_dtype
     ) if spec.kind == "aft" and cfg.attention_aft_window else None
-    out, new_state = variants.attention(
-        q, k, v, spec=spec, mask=mask, bias=bias, scale=None if cfg.scale_attention else 1.0,
+    out = attention(
+        q, k, v, kind=spec, mask=mask, bias=bias, scale=None if cfg.scale_attention else 1.0,
         rng=self.make_rng("dropout") if redraw else None, aft_bias=aft_bias,
         state=None if state is None else (state["lin_s"].value, state["lin_z"].value),
         implementation=cfg.attention_impl, kernel_options=cfg.attention_kernel_options,
         dropout_rate=dropout, dropout_rng=self.make_rng("dropout") if dropout > 0 else None)
-    if state is not None:
-      state["lin_s"].value, state["lin_z"].value = new_state
+    if state is not None:  # performer/rfa decoding: (out, the updated recurrent state)
+      out, (state["lin_s"].value, state["lin_z"].value) = out
     out = checkpoint_name(out, "attention_out")
     return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", in_axes=2)(out)
 
