@@ -5,7 +5,7 @@
 
 Each utterance of each split (default: test = held-out texts from training voices, test_voice = the same texts
 from the held-out voice) becomes log-mel frames (t_jax.data.log_mel, the run's num_mel_bins) and is decoded with
-t_jax.models.speech.transcribe (greedy or beam search). Prints one line per split: jiwer's word error rate (WER),
+t_jax.inference.transcribe (greedy or beam search). Prints one line per split: jiwer's word error rate (WER),
 character error rate (CER) and the fraction of utterances transcribed exactly, then a few errors. --out writes a
 JSON summary: the numbers, the machine, the library versions and the commands (--train_command, --train_seconds
 describe the training run).
@@ -39,7 +39,7 @@ def evaluate_split(cfg: object, params: object, tok: object, corpus: str, split:
   import jiwer
 
   from t_jax.data.audio import SpeechCorpusSource, log_mel
-  from t_jax.models.speech import transcribe
+  from t_jax.inference import transcribe
 
   source = SpeechCorpusSource(corpus, split)
   refs, hyps = [], []

@@ -18,9 +18,10 @@ import pytest
 from launch import config
 from t_jax import data
 from t_jax.data import SpeechToText, TaskConfig
+from t_jax.inference import transcribe
 from t_jax.models import ModelConfig, build_model, init_params
 from t_jax.models.positions import sinusoidal
-from t_jax.models.speech import AudioEmbedder, pad_frames, stem_length, stem_mask, transcribe
+from t_jax.models.speech import AudioEmbedder, pad_frames, stem_length, stem_mask
 from t_jax.training import Experiment, OptimizerConfig, TrainConfig, train
 
 librosa = pytest.importorskip("librosa", reason="the `speech` extra (librosa) is not installed")
