@@ -166,6 +166,15 @@ def _q_grid_specs(cfg: Config, bq: int, bk: int, d: int) -> tuple[list, pl.Block
   return specs, q_spec, pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *r: (bb, hh, i, 0))
 
 
+def _query_row(cfg: Config, bq: int, bk: int, prefix_ref: object, seg_ref: object, fetch_ref: object
+               ) -> tuple[Array, Array, Optional[Array], Callable, Optional[Array]]:
+  """(q block, k block, prefix, its key-block bounds, visit-table entry) of a program over one query row."""
+  b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  bounds = lambda: _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref)
+  entry = _entry(cfg, kj, fetch_ref, b, qi, cfg.q_len_padded // bq, cfg.kv_len_padded // bk)
+  return qi, kj, _prefix(cfg, prefix_ref, b), bounds, entry
+
+
 # ----------------------------------------------------------------------------------------- forward
 
 
@@ -173,10 +182,7 @@ def _fwd_kernel(cfg: Config, prefix_ref: object, seg_ref: object, fetch_ref: obj
   (q_ref, k_ref, v_ref, bias_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
    m_sc, l_sc, acc_sc) = _unpack(cfg, refs)
   bq, bk = cfg.block_q, cfg.block_k
-  b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  prefix = _prefix(cfg, prefix_ref, b)
-  bounds = lambda: _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref)
-  entry = _entry(cfg, kj, fetch_ref, b, qi, cfg.q_len_padded // bq, cfg.kv_len_padded // bk)
+  qi, kj, prefix, bounds, entry = _query_row(cfg, bq, bk, prefix_ref, seg_ref, fetch_ref)
 
   @pl.when(kj == 0)
   def _init() -> None:
@@ -261,10 +267,7 @@ def _dq_kernel(cfg: Config, need_dbias: bool, prefix_ref: object, seg_ref: objec
    dq_ref, *rest) = _unpack(cfg, refs)
   dbias_ref, dq_sc = (rest[0], rest[1]) if need_dbias else (None, rest[0])
   bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-  b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-  prefix = _prefix(cfg, prefix_ref, b)
-  bounds = lambda: _bounds(cfg, bq, bk)(qi, b, prefix_ref, seg_ref)
-  entry = _entry(cfg, kj, fetch_ref, b, qi, cfg.q_len_padded // bq, cfg.kv_len_padded // bk)
+  qi, kj, prefix, bounds, entry = _query_row(cfg, bq, bk, prefix_ref, seg_ref, fetch_ref)
 
   @pl.when(kj == 0)
   def _init() -> None:
