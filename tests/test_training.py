@@ -368,6 +368,30 @@ def test_sigterm_saves_and_exits_0(tmp_path):
   assert [int(s.name) for s in (tmp_path / "checkpoints").iterdir()] == [step]
 
 
+def test_sigterm_during_an_async_save_keeps_it_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
+  """SIGTERM lands right after the periodic save of step 4 has started writing in the background: the
+  preemption save at the same step is a no-op, not a second write; the run exits with step 4 complete and a
+  resumed run ends exactly where an uninterrupted one does."""
+  _train(tmp_path / "a", "quickstart_tiny", "TrainConfig.num_samples = 0")
+  real, saved = ckpt.save, []
+
+  def save_then_signal(manager, step, *args, **kwargs):
+    real(manager, step, *args, **kwargs)
+    saved.append((step, manager.latest_step()))
+    if step == 4 and len(saved) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler sets its stop event
+
+  monkeypatch.setattr(ckpt, "save", save_then_signal)
+  out = _train(tmp_path / "b", "quickstart_tiny", "TrainConfig.num_samples = 0")
+  assert out["preempted"] and out["step"] == 4 and saved == [(4, 4), (4, 4)]
+  assert sorted(c.name for c in (tmp_path / "b" / "checkpoints").iterdir()) == ["4"]
+  monkeypatch.setattr(ckpt, "save", real)
+  capsys.readouterr()
+  assert _train(tmp_path / "b", "quickstart_tiny", "TrainConfig.num_samples = 0")["step"] == 8
+  assert "resuming from step 4" in capsys.readouterr().out
+  _assert_identical(_state_leaves(tmp_path / "a", 8), _state_leaves(tmp_path / "b", 8))
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   cfg = TrainConfig(keep_checkpoints=1, keep_best=1, async_checkpoints=False)
   data_it = iter(grain.MapDataset.range(10).to_iter_dataset())
