@@ -87,3 +87,19 @@ def test_bad_input_is_one_error_line(paths, module, args, expected):
   assert res.stderr.rstrip().splitlines()[-1] == errors[0], res.stderr[-3000:]  # all of it, on one line
   assert "Traceback" not in res.stderr, res.stderr[-3000:]
   assert _snapshot(Path(paths["trained"])) == before  # nothing already written is lost (or touched)
+
+
+def test_a_launcher_on_a_machine_without_a_tpu_prints_no_libtpu_set_up_errors():
+  """libtpu (in the CPU lock) would print a screen of TPU set-up errors at the first device use."""
+  import importlib.util
+
+  from jax._src import hardware_utils
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (the tpu-aot extra)")
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] or hardware_utils.has_visible_nvidia_gpu():
+    pytest.skip("this machine has an accelerator")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as on a user's machine
+  res = subprocess.run([sys.executable, "-m", "launch.train", GIN, "--dry_run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and "devices: 1" in res.stdout, res.stderr[-3000:]
+  assert "TPU" not in res.stderr and "E0000" not in res.stderr, res.stderr[-3000:]
