@@ -58,6 +58,12 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias
   if (spec.kind == "bigbird" and bias is None and not dropout_rate and implementation in ("auto", "xla")
       and bigbird.supported(q, k, mask)):  # gathered key blocks; the dense XLA form is the oracle
     return bigbird.bigbird_attention(q, k, v, mask=mask, scale=scale)
+  return _softmax(q, k, v, mask, bias, scale, implementation, dropout_rate, dropout_rng, kernel_options)
+
+
+def _softmax(q: Array, k: Array, v: Array, mask: Mask, bias: Optional[Array], scale: float, implementation: str,
+             dropout_rate: float, dropout_rng: Optional[Array], kernel_options: Optional[dict]) -> Array:
+  """Softmax attention (a validated mask) by the XLA reference, the Pallas kernels or cuDNN."""
   if dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("attention dropout needs a dropout_rng")
