@@ -26,7 +26,8 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None, bias
               scale: Optional[float] = None, implementation: str = "auto", dropout_rate: float = 0.0,
               dropout_rng: Optional[Array] = None, kernel_options: Optional[dict] = None,
               kind: Union[str, Spec] = "softmax", rng: Optional[Array] = None, aft_bias: Optional[Array] = None,
-              state: Optional[tuple[Array, Array]] = None, **mask_fields: object) -> Array:
+              state: Optional[tuple[Array, Array]] = None, **mask_fields: object
+              ) -> Array | tuple[Array, tuple[Array, Array]]:
   """Scaled dot-product attention over [batch, seq, heads, head_dim] tensors.
 
   k/v may have fewer heads than q (GQA/MQA). `mask` is a `Mask`; or pass its fields as keywords

@@ -6,8 +6,8 @@ blocks (i < global_blocks) attend every key, computed as dense rows. Within the 
 rules (causal, prefix, segment ids, window, the pattern itself) apply per position, so the result equals
 `xla_attention` with the same Mask, which computes the pattern densely (the oracle).
 
-`t_jax.attention(..., kind='bigbird')` uses this path for implementation 'auto'/'xla'; 'pallas' runs the flash kernel, which
-walks a visit table of the same blocks (`t_jax.kernels._blocks.sparse_visits`).
+`t_jax.attention(..., kind='bigbird')` uses this path for implementation 'auto'/'xla'; 'pallas' runs the
+flash kernel, which walks a visit table of the same blocks (`t_jax.kernels._blocks.sparse_visits`).
 """
 
 from __future__ import annotations
