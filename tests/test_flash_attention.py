@@ -118,7 +118,7 @@ def _cfg(sq, sk, bq, bk, causal, window, prefix, segments=False):
   pad = lambda n, b: -(-n // b) * b
   return Config(backend="triton", interpret=True, causal=causal, window=window, has_prefix=prefix is not None,
                 has_segments=segments, has_bias=False, bias_batch=False, bias_heads=False, q_len=sq,
-                kv_len=sk, q_len_padded=pad(sq, bq), kv_len_padded=pad(sk, bk), heads=1, kv_heads=1,
+                kv_len=sk, q_len_padded=pad(sq, bq), kv_len_padded=pad(sk, bk), num_heads=1, num_kv_heads=1,
                 scale=1.0, block_q=bq, block_k=bk, block_q_bwd=bq, block_k_bwd=bk, num_warps=4,
                 num_stages=2, num_warps_bwd=4, exact_f32=True)
 

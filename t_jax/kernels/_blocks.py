@@ -36,8 +36,8 @@ class Config:
   kv_len: int
   q_len_padded: int
   kv_len_padded: int
-  heads: int
-  kv_heads: int
+  num_heads: int
+  num_kv_heads: int
   scale: float
   block_q: int
   block_k: int
@@ -52,7 +52,7 @@ class Config:
   @property
   def group(self) -> int:
     """Query heads per kv head."""
-    return self.heads // self.kv_heads
+    return self.num_heads // self.num_kv_heads
 
   @property
   def any_mask(self) -> bool:

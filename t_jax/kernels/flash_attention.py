@@ -159,7 +159,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, mask: Optional[Mask] = None
       has_segments=mask.q_segment_ids is not None, has_bias=bias is not None,
       bias_batch=bias_shape is not None and bias_shape[0] > 1,
       bias_heads=bias_shape is not None and bias_shape[1] > 1,
-      q_len=sq, kv_len=sk, q_len_padded=sq_pad, kv_len_padded=sk_pad, heads=h, kv_heads=hkv, scale=scale,
+      q_len=sq, kv_len=sk, q_len_padded=sq_pad, kv_len_padded=sk_pad, num_heads=h, num_kv_heads=hkv, scale=scale,
       num_warps=num_warps or dflt["num_warps"], num_stages=num_stages or dflt["num_stages"],
       num_warps_bwd=num_warps or dflt["num_warps_bwd"], exact_f32=q.dtype == jnp.float32,
       block_sparse=mask.block_sparse, **blk)
