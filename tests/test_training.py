@@ -283,6 +283,18 @@ def test_gradient_accumulation_in_the_loop(tmp_path):
   assert out["step"] == 2 and np.isfinite(out["loss"])
 
 
+def test_train_closes_its_checkpoint_manager_also_when_already_finished(tmp_path, monkeypatch):
+  # An unclosed CheckpointManager leaves Orbax's threads and asyncio loops behind after train() returns (they
+  # later warn "Event loop is closed" inside unrelated tests).
+  made, closed, make, close = [], [], ckpt.make_manager, ocp.CheckpointManager.close
+  monkeypatch.setattr(ckpt, "make_manager", lambda *a: made.append(make(*a)) or made[-1])
+  monkeypatch.setattr(ocp.CheckpointManager, "close", lambda self: closed.append(self) or close(self))
+  bindings = ("TrainConfig.num_steps = 2", "TrainConfig.num_samples = 0")
+  assert _train(tmp_path, "quickstart_tiny", *bindings)["step"] == 2
+  assert _train(tmp_path, "quickstart_tiny", *bindings)["finished"]  # the early return
+  assert len(made) == 2 and all(any(m is c for c in closed) for m in made)
+
+
 # ---------------------------------------------------------------- config errors
 
 

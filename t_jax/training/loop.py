@@ -188,14 +188,14 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
   train_model, eval_model = build_model(model_cfg, deterministic=False), build_model(model_cfg)
   tuning = finetune.prepare(cfg, model_cfg)  # trainable patterns checked, init_from read: before any write
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir, force=force_unlock):
+  with workdir_lib.lock(workdir, force=force_unlock), contextlib.ExitStack() as closing:
     tok = tuning.make_tokenizer(task, model_cfg.vocab_size, workdir)  # init_from's tokenizer when it has one
     tx = make_optimizer(exp.optimizer, cfg.num_steps, tuning.trainable)
     schedule = make_schedule(exp.optimizer, cfg.num_steps)
     init, key = make_init(eval_model, tx, length=8), jax.random.key(cfg.seed)
     abstract = jax.eval_shape(init, key)
     shardings, target = partitioner.shardings(abstract), partitioner.abstract(abstract)
-    manager = ckpt.make_manager(workdir, cfg)
+    manager = closing.enter_context(ckpt.make_manager(workdir, cfg))  # closed = its saves finished
     data_it = train_iterator(task, tok, cfg.batch_size, cfg.seed)
     meaning = ckpt.fingerprint(model_cfg, task)
     state = ckpt.restore_latest(manager, target, data_it, meaning, allow_config_change)  # or refuses
@@ -225,7 +225,6 @@ def train(workdir: str, exp: Experiment, *, config_text: Optional[str] = None, f
       try:
         return _loop(run, state, writer)
       finally:
-        manager.wait_until_finished()
         writer.close()
 
 
