@@ -1,7 +1,13 @@
-"""Entry points (`python -m launch.train`, `decode`, `convert`, `sweep`, `compile`) and cluster scripts."""
+"""Entry points (`python -m launch.train`, `decode`, `convert`, `sweep`, `compile`) and cluster scripts.
+
+Importing the package (every launcher does) starts JAX on the CPU alone when no accelerator is attached, and
+keeps Orbax's stale event-loop tracebacks off the terminal.
+"""
 
 import importlib.util
 import os
+import sys
+from typing import Any
 
 
 def skip_absent_tpu() -> None:
@@ -21,6 +27,20 @@ def skip_absent_tpu() -> None:
 
 
 skip_absent_tpu()
+
+
+def quiet_closed_loop(unraisable: Any) -> None:
+  """Drops 'Event loop is closed' from the tensorstore reads Orbax leaves running after a failed restore.
+
+  They finish after the launcher has printed its error: line, and Python would print their traceback under it
+  (or cut into it) at exit. Every other unraisable exception goes to Python's own hook.
+  """
+  e = unraisable.exc_value
+  if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
+sys.unraisablehook = quiet_closed_loop
 
 
 def error_line(e: BaseException, limit: int = 1000) -> str:

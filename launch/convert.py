@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from absl import app, flags, logging
 
@@ -96,19 +96,11 @@ def _refuse_existing(directory: str, names: tuple[str, ...], overwrite: bool) ->
     raise FileExistsError(f"{directory} already holds {', '.join(existing)}; pass --overwrite to replace them")
 
 
-def _quiet_closed_loop(unraisable: Any) -> None:
-  """Drops 'Event loop is closed' from the tensorstore reads orbax leaves running after a failed read."""
-  e = unraisable.exc_value
-  if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-    sys.__unraisablehook__(unraisable)
-
-
 def main(argv: list[str]) -> int:
   """Entry point: exactly one of --from_hf/--to_workdir, --from_workdir/--to_hf or --from_workdir/--to_workdir."""
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.FATAL)  # orbax logs reads, writes and bad files; errors are reported below
-  sys.unraisablehook = _quiet_closed_loop
   try:
     if FROM_HF.value and TO_WORKDIR.value and not (FROM_WORKDIR.value or TO_HF.value):
       out = hf_to_workdir(FROM_HF.value, TO_WORKDIR.value, scan_layers=SCAN_LAYERS.value,
