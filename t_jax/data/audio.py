@@ -40,7 +40,6 @@ from t_jax.data.sources import Example, TfdsRecords
 from t_jax.data.tokenizer import Tokenizer
 
 SAMPLE_RATE = 16000
-CORPUS_SPLITS = ("train", "validation", "test", "test_voice")  # launch/make_speech_corpus.py
 
 
 def window_and_hop(sample_rate: int = SAMPLE_RATE, window_ms: float = 25.0, hop_ms: float = 10.0) -> tuple[int, int]:
