@@ -284,8 +284,8 @@ def test_gradient_accumulation_in_the_loop(tmp_path):
 
 
 def test_train_closes_its_checkpoint_manager_also_when_already_finished(tmp_path, monkeypatch):
-  # An unclosed CheckpointManager leaves Orbax's threads and asyncio loops behind after train() returns (they
-  # later warn "Event loop is closed" inside unrelated tests).
+  # An unclosed CheckpointManager can leave Orbax's threads running after train() returns (seen: a
+  # multiprocessing QueueFeederThread and an asyncio worker thread).
   made, closed, make, close = [], [], ckpt.make_manager, ocp.CheckpointManager.close
   monkeypatch.setattr(ckpt, "make_manager", lambda *a: made.append(make(*a)) or made[-1])
   monkeypatch.setattr(ocp.CheckpointManager, "close", lambda self: closed.append(self) or close(self))
